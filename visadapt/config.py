@@ -1,0 +1,168 @@
+"""Adapter configs: one small dataclass per method on top of :class:`AdapterConfig`, and the method registry.
+
+Target selection (shared by every method):
+
+* ``target_types``: layer class names to adapt (default: every type the method supports);
+* ``include`` / ``exclude``: module-name patterns. A pattern matches a module name if it is equal to it, is a
+  dotted suffix of it (``'qkv'`` matches ``blocks.0.attn.qkv``), or matches it as a shell glob (``'stages.*.conv*'``);
+* ``rank_pattern``: ``{pattern: rank}`` overrides of ``r`` for matching layers (first match wins);
+* ``train_modules``: patterns of modules trained fully and saved with the adapter (e.g. a classifier ``head``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+__all__ = ['AdapterConfig', 'register', 'METHODS', 'get_config_class', 'config_from_dict', 'matches']
+
+METHODS: Dict[str, Type['AdapterConfig']] = {}
+
+_DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+
+
+def matches(name: str, pattern: str) -> bool:
+    """True if module ``name`` matches ``pattern`` (exact, dotted suffix, or shell glob, also as a suffix)."""
+    return (name == pattern or name.endswith('.' + pattern) or fnmatch.fnmatchcase(name, pattern)
+            or fnmatch.fnmatchcase(name, '*.' + pattern))
+
+
+def _positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f'{what} must be a positive integer, got {value!r}')
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every method (see the module docstring for target selection).
+
+    Attributes:
+        target_types: layer class names to adapt, e.g. ``['Conv2d']``; None means all types the method supports.
+        include: module-name patterns to adapt; None means every layer of a target type.
+        exclude: module-name patterns never to adapt.
+        rank_pattern: ``{pattern: r}`` per-layer rank overrides.
+        train_modules: module-name patterns trained fully and saved with the adapter.
+        forward_path: ``'auto'`` (cheaper path per input shape), ``'weight'`` (one op with W + ΔW) or ``'bypass'``.
+        adapter_dtype: dtype of the adapter tensors: a float dtype name, or ``'base'`` to follow the base weight.
+    """
+    method: ClassVar[str] = ''
+    #: layer classes the method can adapt
+    supported_types: ClassVar[Tuple[type, ...]] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    #: the adapter class (set by :func:`register`)
+    adapter_cls: ClassVar[type] = None
+
+    target_types: Optional[List[str]] = None
+    include: Optional[List[str]] = None
+    exclude: List[str] = field(default_factory=list)
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    train_modules: List[str] = field(default_factory=list)
+    forward_path: str = 'auto'
+    adapter_dtype: str = 'float32'
+
+    def __post_init__(self) -> None:
+        for attr in ('include', 'exclude', 'train_modules', 'target_types'):
+            value = getattr(self, attr)
+            if isinstance(value, str):  # a lone pattern is a common slip; accept it as a one-element list
+                setattr(self, attr, [value])
+            elif value is not None:
+                setattr(self, attr, list(value))
+        if self.forward_path not in ('auto', 'weight', 'bypass'):
+            raise ValueError(f"forward_path={self.forward_path!r} is not valid; use 'auto', 'weight' or 'bypass'")
+        if self.adapter_dtype != 'base' and self.adapter_dtype not in _DTYPES:
+            raise ValueError(f'adapter_dtype={self.adapter_dtype!r} is not valid; use one of '
+                             f'{sorted(_DTYPES) + ["base"]}')
+        if self.target_types is not None:
+            known = {t.__name__: t for t in self.supported_types}
+            for t in self.target_types:
+                if t not in known:
+                    raise ValueError(f'target type {t!r} is not supported by {self.method}; supported: {sorted(known)}')
+        if self.rank_pattern and not any(f.name == 'r' for f in dataclasses.fields(self)):
+            raise ValueError(f'rank_pattern is set but {self.method} has no rank r')
+        for pattern, r in self.rank_pattern.items():
+            _positive_int(r, f'rank_pattern[{pattern!r}]')
+        self.validate()
+
+    def validate(self) -> None:
+        """Method-specific checks; raise ValueError naming the bad value and what is valid."""
+
+    # ---- targeting ---------------------------------------------------------------------------------------------
+    def target_classes(self) -> Tuple[type, ...]:
+        if self.target_types is None:
+            return self.supported_types
+        return tuple(t for t in self.supported_types if t.__name__ in self.target_types)
+
+    def for_layer(self, name: str) -> 'AdapterConfig':
+        """This config with the first matching ``rank_pattern`` applied for layer ``name``."""
+        for pattern, r in self.rank_pattern.items():
+            if matches(name, pattern):
+                return dataclasses.replace(self, r=r, rank_pattern={})
+        return self
+
+    def torch_dtype(self, base: torch.dtype) -> torch.dtype:
+        return base if self.adapter_dtype == 'base' else _DTYPES[self.adapter_dtype]
+
+    def build_adapter(self, name: str, module: nn.Module):
+        """Build this method's adapter for ``module`` (called with the per-layer config). Override for slices."""
+        from .site import site_from_module
+        site = site_from_module(module)
+        weight = module.weight.detach()
+        adapter = self.adapter_cls(self, site, weight)
+        return adapter.to(device=weight.device, dtype=self.torch_dtype(weight.dtype))
+
+    # ---- serialization ------------------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return {'method': self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> 'AdapterConfig':
+        data = {k: v for k, v in data.items() if k != 'method'}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f'unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}')
+        return cls(**data)
+
+
+def register(config_cls: Type[AdapterConfig]):
+    """Class decorator for an adapter class: ``@register(FLoRAConfig)`` makes the method usable everywhere."""
+    def deco(adapter_cls):
+        key = config_cls.method.lower()
+        if not key:
+            raise ValueError(f'{config_cls.__name__}.method is empty')
+        if key in METHODS and METHODS[key] is not config_cls:
+            raise ValueError(f'method {config_cls.method!r} is already registered by {METHODS[key].__name__}')
+        config_cls.adapter_cls = adapter_cls
+        METHODS[key] = config_cls
+        return adapter_cls
+    return deco
+
+
+def get_config_class(method: str) -> Type[AdapterConfig]:
+    """Config class for a method name, case-insensitively ('FLoRA', 'flora')."""
+    key = str(method).lower()
+    if key not in METHODS:
+        raise ValueError(f'unknown adapter method {method!r}; registered methods: '
+                         f'{sorted(c.method for c in METHODS.values())}')
+    return METHODS[key]
+
+
+def config_from_dict(data: Dict[str, Any]) -> AdapterConfig:
+    """Build a config from ``{'method'|'type': name, **fields}`` (JSON files, mm configs)."""
+    data = dict(data)
+    method = data.pop('method', None) or data.pop('type', None)
+    if method is None:
+        raise ValueError(f"adapter config needs a 'method' (or 'type') key; got keys {sorted(data)}")
+    data.pop('type', None)
+    return get_config_class(method).from_dict(data)
+
+
+def check_adapter_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f'adapter name {name!r} is not valid; use a Python identifier such as "default"')
+    return name

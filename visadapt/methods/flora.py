@@ -1,0 +1,160 @@
+"""FLoRA: low-rank updates that keep the weight's N-D structure (Tucker decomposition).
+
+Paper: "Low-Rank Adaptation with Structural Integrity" / FLoRA, Si et al., arXiv:2405.14739, sections 3 and 4.3.
+
+ΔW = s · G ×_1 A^(1) ×_2 A^(2) ×_3 ... ×_N A^(N) over the weight's own modes, in PyTorch's layout:
+
+* Linear ``(out, in)``: ΔW = s · A^(1) G A^(2)ᵀ (the paper's A G Bᵀ with A = A^(1) on the output side);
+* ConvNd ``(out, in/groups, k_1, ..., k_d)``: one factor per mode; the in-channel mode has size in/groups, so
+  grouped and depthwise convs (in/groups = 1) work. The paper writes the conv core as r1 × r2 × r3 × r3 with
+  A ∈ R^{d_in × r1}, B ∈ R^{d_out × r2}; here mode 1 is out (rank ``r``), mode 2 is in/groups (rank ``r``) and the
+  kernel modes have rank ``r3``, each clamped to its mode's size.
+
+Init: G = 0, so ΔW = 0 at step 0 and the adapted model starts exactly at the pretrained one. Factors
+A^(n) ~ N(0, 1/I_n): each column has unit norm in expectation, the factors are near-orthonormal and
+‖ΔW‖_F ≈ s‖G‖_F, so the scale means the same thing for every layer size. (The paper only says "random Gaussian".)
+
+Trainable parameters per layer: Σ_n I_n·J_n + Π_n J_n, e.g. a 3×3 conv 64→128 with r=8, r3=2:
+128·8 + 64·8 + 3·2 + 3·2 + 8·8·2·2 = 1,804.
+
+Two forward paths with equal results: build ΔW and run one op with W + ΔW ("weight"), or a factorized chain
+("bypass"): a grouped 1×1 projection to r channels per group, a grouped k×k conv with the core (in the layer's own
+stride/padding/dilation/padding_mode), and a grouped 1×1 expansion. The core picks the cheaper one per input shape.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..adapter import Adapter
+from ..config import AdapterConfig, _positive_int, register
+from ..site import Site, input_positions, output_positions, pointwise, run_op
+
+__all__ = ['FLoRAConfig', 'FLoRAAdapter', 'flora_ranks', 'flora_num_params', 'mode_product', 'tucker_weight',
+           'flora_delta_weight', 'flora_bypass']
+
+
+@dataclass
+class FLoRAConfig(AdapterConfig):
+    """FLoRA hyper-parameters.
+
+    Attributes:
+        r: rank of the channel modes (out and in/groups), clamped to each mode's size.
+        r3: rank of every kernel (spatial) mode, clamped to the kernel size (paper: 2 for 3×3 and larger kernels).
+        scale: the constant s multiplying ΔW (paper: 4 for ConvNeXt-V2-L, 0.04 for InternViT-6B, 0.4 for NLP).
+    """
+    method = 'FLoRA'
+    r: int = 8
+    r3: int = 2
+    scale: float = 1.0
+
+    def validate(self) -> None:
+        _positive_int(self.r, 'FLoRA rank r')
+        _positive_int(self.r3, 'FLoRA spatial rank r3')
+        if not math.isfinite(self.scale):
+            raise ValueError(f'FLoRA scale must be a finite number, got {self.scale!r}')
+
+
+# ---- pure functions ------------------------------------------------------------------------------------------------
+def flora_ranks(weight_shape: Sequence[int], r: int, r3: int) -> Tuple[int, ...]:
+    """Core shape J for a weight of shape I: channel modes rank r, kernel modes rank r3, each ≤ its mode size."""
+    return tuple(min(size, r if n < 2 else r3) for n, size in enumerate(weight_shape))
+
+
+def flora_num_params(weight_shape: Sequence[int], r: int, r3: int) -> int:
+    """Σ_n I_n·J_n + Π_n J_n."""
+    ranks = flora_ranks(weight_shape, r, r3)
+    return sum(i * j for i, j in zip(weight_shape, ranks)) + math.prod(ranks)
+
+
+def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-n product ``tensor ×_mode matrix`` with ``matrix`` of shape (I_n, J_n): mode ``mode`` goes J_n → I_n."""
+    return torch.tensordot(matrix, tensor, dims=([1], [mode])).movedim(0, mode)
+
+
+def tucker_weight(core: torch.Tensor, factors: Sequence[torch.Tensor], modes: Optional[Sequence[int]] = None
+                  ) -> torch.Tensor:
+    """G ×_n A^(n) for the given modes (default all). Kernel modes first: they are smallest, keeping it cheap."""
+    modes = range(core.dim()) if modes is None else modes
+    out = core
+    for n in sorted(modes, reverse=True):
+        out = mode_product(out, factors[n], n)
+    return out
+
+
+def flora_delta_weight(core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+    """ΔW = s · G ×_1 A^(1) ... ×_N A^(N), shape (I_1, ..., I_N)."""
+    return scale * tucker_weight(core, factors)
+
+
+def flora_bypass(site: Site, x: torch.Tensor, core: torch.Tensor, factors: Sequence[torch.Tensor],
+                 scale: float) -> torch.Tensor:
+    """ΔW applied to ``x`` without building ΔW: returns s · op(x, ΔW), same shape as the layer output."""
+    core, factors = core.to(x.dtype), [f.to(x.dtype) for f in factors]
+    if site.kind == 'linear':
+        z = pointwise(site, x, factors[1].t())              # (..., r_in)
+        z = pointwise(site, z, core)                        # (..., r_out)
+        return scale * pointwise(site, z, factors[0])      # (..., out)
+    g = site.groups
+    z = pointwise(site, x, factors[1].t().repeat(g, 1), groups=g)       # (N, g·r_in, *S): per-group projection
+    kernel = tucker_weight(core, factors, modes=range(2, core.dim()))   # (r_out, r_in, *k)
+    z = run_op(site, z, kernel.repeat(g, *([1] * (kernel.dim() - 1))), groups=g)  # layer geometry, g·r_out ch.
+    return scale * pointwise(site, z, factors[0], groups=g)             # (N, out, *S')
+
+
+def flora_bypass_macs(site: Site, x_shape: Sequence[int], ranks: Sequence[int]) -> int:
+    r_out, r_in = ranks[0], ranks[1]
+    if site.kind == 'linear':
+        return input_positions(site, x_shape) * (site.in_features * r_in + r_in * r_out + r_out * site.out_features)
+    g = site.groups
+    return (input_positions(site, x_shape) * g * site.in_features * r_in
+            + output_positions(site, x_shape) * (g * r_out * r_in * math.prod(site.kernel_size)
+                                                 + site.out_features * r_out))
+
+
+def flora_delta_macs(weight_shape: Sequence[int], ranks: Sequence[int]) -> int:
+    size, macs = list(ranks), 0
+    for n in sorted(range(len(ranks)), reverse=True):
+        macs += math.prod(size) * weight_shape[n]
+        size[n] = weight_shape[n]
+    return macs
+
+
+# ---- the adapter ----------------------------------------------------------------------------------------------------
+@register(FLoRAConfig)
+class FLoRAAdapter(Adapter):
+    """Tensors: ``G`` (core, shape J) and ``A1..AN`` (factor n: (I_n, J_n))."""
+    has_bypass = True
+
+    def __init__(self, config: FLoRAConfig, site: Site, weight: torch.Tensor):
+        super().__init__(config, site, weight)
+        self.ranks = flora_ranks(site.weight_shape, config.r, config.r3)
+        self.scale = config.scale
+        self.G = nn.Parameter(torch.empty(self.ranks))
+        self.factors = nn.ParameterList([nn.Parameter(torch.empty(i, j))
+                                         for i, j in zip(site.weight_shape, self.ranks)])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.G)
+        for factor in self.factors:
+            nn.init.normal_(factor, std=factor.shape[0] ** -0.5)
+
+    def delta_weight(self) -> torch.Tensor:
+        return flora_delta_weight(self.G, list(self.factors), self.scale)
+
+    def delta_macs(self) -> int:
+        return flora_delta_macs(self.site.weight_shape, self.ranks)
+
+    def bypass(self, x: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return out + flora_bypass(self.site, x, self.G, list(self.factors), self.scale)
+
+    def bypass_macs(self, x_shape: Sequence[int]) -> int:
+        return flora_bypass_macs(self.site, x_shape, self.ranks)
+
+    def extra_repr(self) -> str:
+        return f'ranks={self.ranks}, scale={self.scale}, ' + super().extra_repr()

@@ -1,0 +1,123 @@
+"""LoRA: ΔW = (α/r) · B A, the baseline every method is compared against.
+
+Paper: "LoRA: Low-Rank Adaptation of Large Language Models", Hu et al., arXiv:2106.09685.
+
+* Linear ``(out, in)``: A ∈ R^{r×in}, B ∈ R^{out×r}. Trainable: r·(in + out).
+* ConvNd, ``conv_form='chain'`` (PEFT's form): A is an r-channel conv with the layer's kernel, stride, padding,
+  dilation and groups (per group, shared), B a 1×1 conv r → out. ΔW[o] = Σ_j B[o, j] A[j] reshaped to
+  ``(out, in/groups, *k)``. Trainable: r·(in/groups·Πk + out). Has a factorized bypass.
+* ConvNd, ``conv_form='reshape'`` (FLoRA paper eq. (3)): ΔW is the rank-r matrix B A of shape (out·k_1) × (in/groups·
+  k_2···k_d), folded back to the weight layout (rows: out channel and first kernel dim; columns: in channel and the
+  remaining kernel dims). Trainable: r·(out·k_1 + in/groups·k_2···k_d). Weight path only.
+
+Init as in the paper / PEFT: A Kaiming-uniform (a=√5), B = 0, so ΔW = 0 at step 0. ``alpha`` defaults to r (scale 1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..adapter import Adapter
+from ..config import AdapterConfig, _positive_int, register
+from ..site import Site, output_positions, pointwise, run_op
+
+__all__ = ['LoRAConfig', 'LoRAAdapter', 'lora_shapes', 'lora_delta_weight', 'lora_bypass']
+
+CONV_FORMS = ('chain', 'reshape')
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA hyper-parameters.
+
+    Attributes:
+        r: rank.
+        alpha: ΔW is scaled by alpha / r; None means alpha = r.
+        conv_form: ``'chain'`` (k×k down conv then 1×1 up conv, as PEFT) or ``'reshape'`` (FLoRA paper eq. 3).
+    """
+    method = 'LoRA'
+    r: int = 8
+    alpha: Optional[float] = None
+    conv_form: str = 'chain'
+
+    def validate(self) -> None:
+        _positive_int(self.r, 'LoRA rank r')
+        if self.conv_form not in CONV_FORMS:
+            raise ValueError(f'LoRA conv_form={self.conv_form!r} is not valid; use one of {CONV_FORMS}')
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
+            raise ValueError(f'LoRA alpha must be a finite number or None, got {self.alpha!r}')
+
+    @property
+    def scale(self) -> float:
+        return (self.r if self.alpha is None else self.alpha) / self.r
+
+
+# ---- pure functions ------------------------------------------------------------------------------------------------
+def lora_shapes(site: Site, r: int, conv_form: str) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Shapes of (A, B)."""
+    if site.kind == 'linear' or conv_form == 'chain':
+        return (r, site.in_features, *site.kernel_size), (site.out_features, r)
+    k = site.kernel_size
+    return (r, site.in_features * math.prod(k[1:])), (site.out_features * k[0], r)
+
+
+def lora_delta_weight(site: Site, A: torch.Tensor, B: torch.Tensor, scale: float, conv_form: str) -> torch.Tensor:
+    """ΔW = scale · B A in the layer's weight layout."""
+    delta = scale * (B @ A.flatten(1))
+    if site.kind == 'linear' or conv_form == 'chain':
+        return delta.reshape(site.weight_shape)
+    out, cin, k = site.out_features, site.in_features, site.kernel_size
+    # rows are (out, k_1), columns (in/groups, k_2, ..., k_d): move k_1 back next to the other kernel dims
+    return delta.reshape(out, k[0], cin, *k[1:]).movedim(1, 2)
+
+
+def lora_bypass(site: Site, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · op(x, B A) through the chain: the layer's op with A (r channels per group), then a 1×1 with B."""
+    A, B = A.to(x.dtype), B.to(x.dtype)
+    if site.kind == 'linear':
+        return scale * pointwise(site, pointwise(site, x, A), B)
+    g = site.groups
+    z = run_op(site, x, A.repeat(g, *([1] * (A.dim() - 1))), groups=g)
+    return scale * pointwise(site, z, B, groups=g)
+
+
+# ---- the adapter ----------------------------------------------------------------------------------------------------
+@register(LoRAConfig)
+class LoRAAdapter(Adapter):
+    """Tensors: ``A`` (down) and ``B`` (up); shapes from :func:`lora_shapes`."""
+    has_bypass = True  # per instance: False for the conv reshape form
+
+    def __init__(self, config: LoRAConfig, site: Site, weight: torch.Tensor):
+        super().__init__(config, site, weight)
+        self.conv_form = config.conv_form
+        # the reshape form is not a conv chain: it has only the weight path (1×1 convs and Linears are the same)
+        self.has_bypass = site.kind == 'linear' or config.conv_form == 'chain'
+        if self.forward_path == 'bypass' and not self.has_bypass:
+            raise ValueError("forward_path='bypass' needs LoRA conv_form='chain'; the reshape form has only the "
+                             "weight path")
+        self.scale = config.scale
+        a_shape, b_shape = lora_shapes(site, config.r, config.conv_form)
+        self.A = nn.Parameter(torch.empty(a_shape))
+        self.B = nn.Parameter(torch.empty(b_shape))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.A.view(self.A.shape[0], -1), a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return lora_delta_weight(self.site, self.A, self.B, self.scale, self.conv_form)
+
+    def delta_macs(self) -> int:
+        return self.B.shape[0] * self.A[0].numel() * self.A.shape[0]
+
+    def bypass(self, x: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return out + lora_bypass(self.site, x, self.A, self.B, self.scale)
+
+    def bypass_macs(self, x_shape: Sequence[int]) -> int:
+        positions = output_positions(self.site, x_shape)
+        return positions * self.site.groups * self.A.numel() + positions * self.B.numel()
