@@ -109,6 +109,11 @@ class Adapter(nn.Module):
             self._path_cache[key] = choice
         return choice
 
+    def mpc_factors(self):
+        """Down/up matrices for the MPC regularizers: a list of (A (r×in), B (out×r)) pairs, or None if the method
+        has no such factors. Gradients must flow through them (they are the adapter's own parameters or views)."""
+        return None
+
     def why_not_mergeable(self) -> str:
         return 'its update is not a function of the weight alone'
 

@@ -1,0 +1,19 @@
+# Two commands do everything on a fresh machine (each installs what it needs first):
+#   make demo   the main job: fine-tune pretrained EfficientNet-Lite0 on Fashion-MNIST with FLoRA
+#   make test   the test suite (every extra installed, so integration tests run too)
+PY := .venv/bin/python
+
+.PHONY: demo test test-slow setup setup-demo
+setup-demo:
+	bash tools/setup_env.sh demo
+setup:
+	bash tools/setup_env.sh all,dev
+
+demo: setup-demo
+	$(PY) tools/train_classifier.py --preset demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-slow: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m slow tests

