@@ -412,3 +412,80 @@ def test_state_dict_keys(method, variant, case):
     other.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(other(x), model(x))
+
+
+# ---- real timm models -------------------------------------------------------------------------------------------------
+TIMM_CASES = [
+    pytest.param('convnext_atto', 'FLoRA', dict(r=4, r3=2, scale=4.0), id='convnext_atto-FLoRA'),
+    pytest.param('efficientnet_lite0', 'FLoRA', dict(r=4, r3=2, scale=4.0), id='efficientnet_lite0-FLoRA'),
+    pytest.param('efficientnet_lite0', 'LoRA', dict(r=4), id='efficientnet_lite0-LoRA'),
+]
+
+
+def _timm_model(arch: str) -> nn.Module:
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model(arch, pretrained=False, num_classes=5).eval()
+
+
+@pytest.mark.parametrize('arch,method,kwargs', TIMM_CASES)
+def test_timm_model_all_convs(arch, method, kwargs):
+    model = _timm_model(arch)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    classifier = model.pretrained_cfg['classifier']
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(x)
+    cfg = method_config(method, target_types=['Conv2d'], train_modules=[classifier], **kwargs)
+    report = visadapt.inject(model, cfg)
+    assert report.layers == convs  # every conv, depthwise ones included
+    with torch.no_grad():
+        assert torch.equal(model(x), base)
+    # keys unchanged; a base checkpoint loads with only the adapter keys missing
+    result = model.load_state_dict(base_sd, strict=False)
+    assert result.unexpected_keys == [] and result.missing_keys and \
+        all('.visadapt.default.' in k for k in result.missing_keys)
+    assert [k for k in model.state_dict() if '.visadapt.' not in k] == list(base_sd)
+
+    randomize_adapters(model, std=0.05)
+    out = model(x)
+    assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-4
+    out.square().mean().backward()
+    for n, p in adapter_params(model).items():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+    frozen = [n for n, p in model.named_parameters() if '.visadapt.' not in n and not n.startswith(classifier + '.')]
+    assert all(not dict(model.named_parameters())[n].requires_grad for n in frozen)
+
+    with torch.no_grad():
+        adapted = model(x)
+        visadapt.merge(model)
+        merged = model(x)
+        torch.testing.assert_close(merged, adapted, **tolerance(adapted, 1e-4))
+        visadapt.unmerge(model)
+        visadapt.remove(model)
+    assert all(type(m) in (nn.Conv2d, nn.Linear) for n, m in model.named_modules() if n in convs)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, base_sd[k], **tolerance(base_sd[k], 1e-5), msg=k)
+
+
+@pytest.mark.parametrize('arch', ['convnext_atto', 'efficientnet_lite0'])
+def test_timm_model_forward_paths_agree(arch):
+    """Whole-model outputs and gradients with every FLoRA layer forced onto the weight vs the bypass path."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    results, state = {}, None
+    for path in ('weight', 'bypass'):
+        model = _timm_model(arch)
+        visadapt.inject(model, visadapt.FLoRAConfig(r=4, r3=2, scale=4.0, target_types=['Conv2d'], forward_path=path))
+        if state is None:
+            randomize_adapters(model, std=0.05)
+            state = visadapt.adapter_state_dict(model)
+        else:
+            visadapt.load_adapter_state_dict(model, state)
+        out = model(x)
+        out.square().sum().backward()
+        results[path] = out.detach(), {n: p.grad for n, p in adapter_params(model).items()}
+    (out_w, g_w), (out_b, g_b) = results['weight'], results['bypass']
+    torch.testing.assert_close(out_b, out_w, **tolerance(out_w, 1e-4))
+    for n in g_w:
+        torch.testing.assert_close(g_b[n], g_w[n], **tolerance(g_w[n], 1e-3), msg=n)
