@@ -56,6 +56,10 @@ class AdapterConfig:
     supported_types: ClassVar[Tuple[type, ...]] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     #: the adapter class (set by :func:`register`)
     adapter_cls: ClassVar[type] = None
+    #: False for configs that adapt no layer (full fine-tuning, head-only): inject then only sets trainability
+    adapts_layers: ClassVar[bool] = True
+    #: True for full fine-tuning: every parameter of the model is trained and saved (as the root train module)
+    trains_all: ClassVar[bool] = False
 
     target_types: Optional[List[str]] = None
     include: Optional[List[str]] = None
@@ -92,6 +96,10 @@ class AdapterConfig:
         """Method-specific checks; raise ValueError naming the bad value and what is valid."""
 
     # ---- targeting ---------------------------------------------------------------------------------------------
+    def accepts(self, module: nn.Module) -> bool:
+        """Per-module filter after type and name matching (e.g. BitFit skipping layers without a bias)."""
+        return True
+
     def target_classes(self) -> Tuple[type, ...]:
         if self.target_types is None:
             return self.supported_types

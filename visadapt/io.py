@@ -47,6 +47,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def _trained_prefix(mod_name: str) -> str:
+    """Key prefix of a train module's state; the root module '' (full fine-tuning) has keys ``trained.<base key>``."""
+    return f'{TRAINED_PREFIX}{mod_name}.' if mod_name else TRAINED_PREFIX
+
+
 def adapter_state_dict(model: nn.Module, name: str = 'default') -> Dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors and its train_modules' state, under the file's key scheme (detached, contiguous)."""
     injection = get_injection(model, name)
@@ -57,7 +62,7 @@ def adapter_state_dict(model: nn.Module, name: str = 'default') -> Dict[str, tor
     modules = dict(model.named_modules())
     for mod_name in injection.train_modules:
         for key, tensor in modules[mod_name].state_dict().items():
-            state[f'{TRAINED_PREFIX}{mod_name}.{key}'] = tensor.detach().contiguous()
+            state[_trained_prefix(mod_name) + key] = tensor.detach().contiguous()
     return state
 
 
@@ -133,7 +138,7 @@ def load_adapter_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], 
         module.visadapt[name].load_state_dict(sub, strict=True)
     modules = dict(model.named_modules())
     for mod_name in injection.train_modules:
-        prefix = f'{TRAINED_PREFIX}{mod_name}.'
+        prefix = _trained_prefix(mod_name)
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         modules[mod_name].load_state_dict(sub, strict=True)
 

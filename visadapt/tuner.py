@@ -99,7 +99,7 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> List[Tuple[str, n
             continue
         if any(matches(n, p) for p in config.exclude):
             continue
-        if not isinstance(m, supported):
+        if not isinstance(m, supported) or not config.accepts(m):
             continue
         targets.append((n, m))
     if not targets:
@@ -143,8 +143,8 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = 'default') -> In
     if name in _injections(model) or any(name in m.visadapt for _, m in iter_adapted(model)):
         raise ValueError(f'an adapter named {name!r} is already injected; pick another name or remove it first '
                          f'(present: {adapter_names(model)})')
-    targets = select_targets(model, config)
-    train_modules = _select_train_modules(model, config.train_modules)
+    targets = select_targets(model, config) if config.adapts_layers else []
+    train_modules = [''] if config.trains_all else _select_train_modules(model, config.train_modules)
     # build everything before touching the model, so a failing layer leaves it unchanged
     built = []
     for layer_name, module in targets:

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..adapter import Adapter
 from ..config import AdapterConfig, _positive_int, register
+from ..mpc import MPCConfigMixin
 from ..site import Site, input_positions, output_positions, pointwise, run_op
 
 __all__ = ['FLoRAConfig', 'FLoRAAdapter', 'flora_ranks', 'flora_num_params', 'mode_product', 'tucker_weight',
@@ -39,8 +40,8 @@ __all__ = ['FLoRAConfig', 'FLoRAAdapter', 'flora_ranks', 'flora_num_params', 'mo
 
 
 @dataclass
-class FLoRAConfig(AdapterConfig):
-    """FLoRA hyper-parameters.
+class FLoRAConfig(MPCConfigMixin, AdapterConfig):
+    """FLoRA hyper-parameters (plus ``mpc='o'``/``'d'`` on the channel factors, see :mod:`visadapt.mpc`).
 
     Attributes:
         r: rank of the channel modes (out and in/groups), clamped to each mode's size.
@@ -48,6 +49,7 @@ class FLoRAConfig(AdapterConfig):
         scale: the constant s multiplying ΔW (paper: 4 for ConvNeXt-V2-L, 0.04 for InternViT-6B, 0.4 for NLP).
     """
     method = 'FLoRA'
+    mpc_kinds = ('o', 'd')
     r: int = 8
     r3: int = 2
     scale: float = 1.0
@@ -155,6 +157,10 @@ class FLoRAAdapter(Adapter):
 
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         return flora_bypass_macs(self.site, x_shape, self.ranks)
+
+    def mpc_factors(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """A = A^(2)ᵀ (r_in, in/groups) on the input side, B = A^(1) (out, r_out) on the output side."""
+        return [(self.factors[1].t(), self.factors[0])]
 
     def extra_repr(self) -> str:
         return f'ranks={self.ranks}, scale={self.scale}, ' + super().extra_repr()

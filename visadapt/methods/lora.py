@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..adapter import Adapter
 from ..config import AdapterConfig, _positive_int, register
+from ..mpc import MPCAdapterMixin, MPCConfigMixin
 from ..site import Site, output_positions, pointwise, run_op
 
 __all__ = ['LoRAConfig', 'LoRAAdapter', 'lora_shapes', 'lora_delta_weight', 'lora_bypass']
@@ -31,8 +32,8 @@ CONV_FORMS = ('chain', 'reshape')
 
 
 @dataclass
-class LoRAConfig(AdapterConfig):
-    """LoRA hyper-parameters.
+class LoRAConfig(MPCConfigMixin, AdapterConfig):
+    """LoRA hyper-parameters (plus the MPC fields ``mpc``/``mpc_weight``/``mpc_act``, see :mod:`visadapt.mpc`).
 
     Attributes:
         r: rank.
@@ -75,19 +76,24 @@ def lora_delta_weight(site: Site, A: torch.Tensor, B: torch.Tensor, scale: float
     return delta.reshape(out, k[0], cin, *k[1:]).movedim(1, 2)
 
 
-def lora_bypass(site: Site, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale · op(x, B A) through the chain: the layer's op with A (r channels per group), then a 1×1 with B."""
+def lora_bypass(site: Site, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                act: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """scale · op(x, B A) through the chain: the layer's op with A (r channels per group), then a 1×1 with B.
+
+    ``act`` (MPC_n) is applied between the two: scale · B act(A x).
+    """
     A, B = A.to(x.dtype), B.to(x.dtype)
     if site.kind == 'linear':
-        return scale * pointwise(site, pointwise(site, x, A), B)
+        z = pointwise(site, x, A)
+        return scale * pointwise(site, z if act is None else act(z), B)
     g = site.groups
     z = run_op(site, x, A.repeat(g, *([1] * (A.dim() - 1))), groups=g)
-    return scale * pointwise(site, z, B, groups=g)
+    return scale * pointwise(site, z if act is None else act(z), B, groups=g)
 
 
 # ---- the adapter ----------------------------------------------------------------------------------------------------
 @register(LoRAConfig)
-class LoRAAdapter(Adapter):
+class LoRAAdapter(MPCAdapterMixin, Adapter):
     """Tensors: ``A`` (down) and ``B`` (up); shapes from :func:`lora_shapes`."""
     has_bypass = True  # per instance: False for the conv reshape form
 
@@ -104,20 +110,26 @@ class LoRAAdapter(Adapter):
         self.A = nn.Parameter(torch.empty(a_shape))
         self.B = nn.Parameter(torch.empty(b_shape))
         self.reset_parameters()
+        self._init_mpc(config)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.A.view(self.A.shape[0], -1), a=math.sqrt(5))
         nn.init.zeros_(self.B)
 
     def delta_weight(self) -> torch.Tensor:
+        self._check_weight_path()
         return lora_delta_weight(self.site, self.A, self.B, self.scale, self.conv_form)
 
     def delta_macs(self) -> int:
         return self.B.shape[0] * self.A[0].numel() * self.A.shape[0]
 
     def bypass(self, x: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return out + lora_bypass(self.site, x, self.A, self.B, self.scale)
+        return out + lora_bypass(self.site, x, self.A, self.B, self.scale, self.mpc_act)
 
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         positions = output_positions(self.site, x_shape)
         return positions * self.site.groups * self.A.numel() + positions * self.B.numel()
+
+    def mpc_factors(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """A flattened to (r, in/groups·Πk) (reshape form: (r, in/groups·k_2···k_d)) and B (out, r)."""
+        return [(self.A.flatten(1), self.B)]
