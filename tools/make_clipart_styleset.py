@@ -6,7 +6,8 @@ layout ``datasets.load_dataset('imagefolder')`` and ``tools/train_sdxl_style.py`
     <output_dir>/0000.png ... <output_dir>/metadata.jsonl   # {"file_name": "0000.png", "text": "..."} per line
 
 Images are composited on white (clip art is transparent), fitted into a square with white padding and resized to
-``--resolution``. Captions come from the titles: the PNG package has no title metadata, so the title is the file name
+``--resolution``. Files whose header says they exceed ``--max_source_pixels`` (a few posters in the package are
+over 100 megapixels) are skipped before decoding. Captions come from the titles: the PNG package has no title metadata, so the title is the file name
 stem as the packager wrote it (title words, then the author's name, cut to 24 characters; the trailing ``_NN`` is
 dropped), e.g. ``apple_green_jonathon_sim_01.png`` → ``"apple green jonathon sim"``. ``--caption_template`` puts a
 style trigger around it.
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from typing import List, Optional
 
 from PIL import Image
@@ -52,7 +54,8 @@ def to_square_rgb(image: Image.Image, resolution: int) -> Image.Image:
 
 
 def make_styleset(category: str, output_dir: str, resolution: int = 128, max_images: Optional[int] = None,
-                  caption_template: str = '{title}, clipart style', root: str = CLIPART_ROOT) -> List[dict]:
+                  caption_template: str = '{title}, clipart style', max_source_pixels: int = 40_000_000,
+                  root: str = CLIPART_ROOT) -> List[dict]:
     """Write the data set; returns the metadata rows.
 
     Args:
@@ -61,6 +64,7 @@ def make_styleset(category: str, output_dir: str, resolution: int = 128, max_ima
         resolution: side of the square output images, in pixels.
         max_images: keep only the first N files (sorted by name); None keeps all.
         caption_template: format string with a ``{title}`` field.
+        max_source_pixels: skip source files larger than this (width × height, read from the header).
     """
     folder = os.path.join(root, category)
     if not os.path.isdir(folder):
@@ -71,7 +75,13 @@ def make_styleset(category: str, output_dir: str, resolution: int = 128, max_ima
         raise ValueError(f'resolution must be at least 8 pixels, got {resolution}')
     if '{title}' not in caption_template:
         raise ValueError(f'caption_template must contain {{title}}, got {caption_template!r}')
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith('.png'))
+    files = []
+    for name in sorted(f for f in os.listdir(folder) if f.lower().endswith('.png')):
+        with warnings.catch_warnings():  # sizes are checked here; this is a trusted system package
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(os.path.join(folder, name)) as image:  # lazy: reads the header only
+                if image.width * image.height <= max_source_pixels:
+                    files.append(name)
     if max_images is not None:
         if max_images <= 0:
             raise ValueError(f'max_images must be positive, got {max_images}')
@@ -81,8 +91,10 @@ def make_styleset(category: str, output_dir: str, resolution: int = 128, max_ima
     os.makedirs(output_dir, exist_ok=True)
     rows = []
     for i, name in enumerate(files):
-        with Image.open(os.path.join(folder, name)) as image:
-            square = to_square_rgb(image, resolution)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(os.path.join(folder, name)) as image:
+                square = to_square_rgb(image, resolution)
         buffer = io.BytesIO()
         square.save(buffer, format='PNG')
         file_name = f'{i:04d}.png'
@@ -101,8 +113,10 @@ def main() -> None:
     parser.add_argument('--resolution', type=int, default=128)
     parser.add_argument('--max_images', type=int, default=None)
     parser.add_argument('--caption_template', default='{title}, clipart style')
+    parser.add_argument('--max_source_pixels', type=int, default=40_000_000)
     args = parser.parse_args()
-    rows = make_styleset(args.category, args.output_dir, args.resolution, args.max_images, args.caption_template)
+    rows = make_styleset(args.category, args.output_dir, args.resolution, args.max_images, args.caption_template,
+                         args.max_source_pixels)
     print(f'{len(rows)} images of {args.category!r} at {args.resolution}px written to {args.output_dir}; '
           f'first caption: {rows[0]["text"]!r}')
 
