@@ -17,8 +17,14 @@ from .tuner import (inject, merge, unmerge, remove, enable_adapter, disable_adap
 from .io import save_adapter, load_adapter, adapter_state_dict, load_adapter_state_dict  # noqa: E402
 from .methods import *  # noqa: E402,F401,F403
 from .methods import FLoRAConfig, LoRAConfig  # noqa: E402
+from .methods import (DoRAConfig, VeRAConfig, IA3Config, SSLConfig, SSBConfig, BitFitConfig, MELoRAConfig,  # noqa: E402
+                      MoSLoRAConfig, FullFinetuneConfig, HeadOnlyConfig)
+from .mpc import regularization_loss  # noqa: E402
+from . import mpc  # noqa: E402
 
 __all__ = ['inject', 'merge', 'unmerge', 'remove', 'enable_adapter', 'disable_adapter', 'adapters_disabled',
            'summary', 'save_adapter', 'load_adapter', 'adapter_state_dict', 'load_adapter_state_dict',
            'count_parameters', 'adapter_names', 'InjectReport', 'AdapterConfig', 'Adapter', 'Site', 'METHODS',
-           'register', 'get_config_class', 'config_from_dict', 'FLoRAConfig', 'LoRAConfig']
+           'register', 'get_config_class', 'config_from_dict', 'FLoRAConfig', 'LoRAConfig',
+           'DoRAConfig', 'VeRAConfig', 'IA3Config', 'SSLConfig', 'SSBConfig', 'BitFitConfig', 'MELoRAConfig',
+           'MoSLoRAConfig', 'FullFinetuneConfig', 'HeadOnlyConfig', 'regularization_loss', 'mpc']
