@@ -1,0 +1,171 @@
+"""Image–text retrieval: the losses that align two towers and the recall metrics that score them.
+
+Pure tensor functions with no dependency on open_clip (the model glue is in :mod:`visadapt.clip`).
+
+Losses (embeddings are L2-normalised inside, so similarities are cosines):
+
+* :func:`triplet_loss`: the triplet loss of Schroff et al. ("FaceNet", arXiv:1503.03832) in both directions with the
+  hardest in-batch negative, as in VSE++ (Faghri et al., arXiv:1707.05612) and the retrieval setup of the SeRA
+  paper ("Vector Segmented and Recombined Adaptation for Scalable and Efficient Model Tuning", section 4.2): for a matching pair (i, t) with similarity s(i, t),
+  ``max(0, m + max_{t'} s(i, t') - s(i, t)) + max(0, m + max_{i'} s(i', t) - s(i, t))``, averaged over the batch.
+* :func:`info_nce_loss`: the symmetric InfoNCE (CLIP) loss with temperature τ.
+
+Both take optional ``image_ids``: batch items with the same id are the same image (two captions of one image in one
+batch), so they are never used as each other's negatives.
+
+Metrics (:func:`retrieval_recall`), exactly as the SeRA paper's footnote defines R@K:
+
+* image→text: an image is a hit at K if **any** of its captions ranks in the top K of all captions by cosine
+  similarity; text→image: a caption is a hit at K if its image ranks in the top K of all images;
+* each R@K is the percentage of hits over all queries (images for i2t, captions for t2i); ``sum`` adds the six values.
+
+Ties are resolved against the model (``ties='pessimistic'``, the default): a wrong candidate with a similarity
+*equal* to the best correct one ranks ahead of it, so a collapsed model that maps everything to one point scores 0,
+not 100. An image's own captions never push each other down: the rank of an image's best caption counts only other
+images' captions. ``ties='optimistic'`` counts only strictly greater wrong candidates instead.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['triplet_loss', 'info_nce_loss', 'retrieval_recall', 'RECALL_KEYS', 'TIE_RULES']
+
+TIE_RULES = ('pessimistic', 'optimistic')
+#: keys of :func:`retrieval_recall`'s result for ks=(1, 5, 10), in the SeRA paper's table order
+RECALL_KEYS = ('r1_i2t', 'r1_t2i', 'r5_i2t', 'r5_t2i', 'r10_i2t', 'r10_t2i', 'sum')
+
+
+def _check_pair(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids: Optional[torch.Tensor]) -> None:
+    if image_emb.dim() != 2 or text_emb.dim() != 2 or image_emb.shape != text_emb.shape:
+        raise ValueError(f'image and text embeddings must both be (B, D) with the same shape; got '
+                         f'{tuple(image_emb.shape)} and {tuple(text_emb.shape)}')
+    if image_emb.shape[0] < 2:
+        raise ValueError(f'a contrastive batch needs at least 2 pairs, got {image_emb.shape[0]}')
+    if image_ids is not None and tuple(image_ids.shape) != (image_emb.shape[0],):
+        raise ValueError(f'image_ids must have shape ({image_emb.shape[0]},), got {tuple(image_ids.shape)}')
+
+
+def _same_image(image_ids: Optional[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    """(B, B) bool: True where items i and j show the same image (always on the diagonal)."""
+    if image_ids is None:
+        return torch.eye(n, dtype=torch.bool, device=device)
+    ids = image_ids.to(device)
+    return ids[:, None] == ids[None, :]
+
+
+def triplet_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, margin: float = 0.2,
+                 image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bidirectional triplet loss with the hardest in-batch negative (VSE++ "max of hinges").
+
+    Args:
+        image_emb: Tensor[B, D] image embeddings (normalised here), row b matches ``text_emb[b]``.
+        text_emb: Tensor[B, D] caption embeddings.
+        margin: the margin m (> 0 in practice; 0.2 as in VSE++).
+        image_ids: optional Tensor[B] image ids; items with equal ids are not negatives of each other.
+
+    Returns:
+        Scalar: mean over the B pairs of the image→text plus the text→image hinge. Zero exactly when every pair is
+        at least ``margin`` more similar than its hardest negative in both directions.
+    """
+    _check_pair(image_emb, text_emb, image_ids)
+    sim = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).t()     # (B, B): images × captions
+    same = _same_image(image_ids, sim.shape[0], sim.device)
+    if bool(same.all()):
+        raise ValueError('every item of the batch shows the same image, so there is no negative; '
+                         'batches need at least two different images')
+    pos = sim.diagonal()
+    neg = sim.masked_fill(same, float('-inf'))
+    hardest_text = neg.max(dim=1).values            # per image: its most similar wrong caption
+    hardest_image = neg.max(dim=0).values           # per caption: its most similar wrong image
+    # an item whose batch holds only its own image has hardest negative -inf, so its hinge is 0
+    i2t = (margin + hardest_text - pos).clamp(min=0)
+    t2i = (margin + hardest_image - pos).clamp(min=0)
+    return (i2t + t2i).mean()
+
+
+def info_nce_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, temperature: float = 0.07,
+                  image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Symmetric InfoNCE (the CLIP loss): cross-entropy over cosine similarities / τ in both directions.
+
+    Args:
+        image_emb: Tensor[B, D]; row b matches ``text_emb[b]``.
+        text_emb: Tensor[B, D].
+        temperature: τ > 0.
+        image_ids: optional Tensor[B]; other captions of the same image are removed from the softmax.
+
+    Returns:
+        Scalar: (CE(image→text) + CE(text→image)) / 2, averaged over the batch.
+    """
+    _check_pair(image_emb, text_emb, image_ids)
+    if not temperature > 0:
+        raise ValueError(f'temperature must be > 0, got {temperature!r}')
+    logits = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).t() / temperature
+    same = _same_image(image_ids, logits.shape[0], logits.device)
+    logits = logits.masked_fill(same & ~torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device),
+                                float('-inf'))
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def retrieval_recall(similarity: torch.Tensor, text_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+                     ties: str = 'pessimistic', chunk: int = 1024) -> Dict[str, float]:
+    """R@K image→text and text→image (in percent) and their sum, as in the SeRA paper (see the module docstring).
+
+    Args:
+        similarity: Tensor[N_img, N_txt] similarities (cosine for the paper's metric) of every image with every
+            caption.
+        text_image: Tensor[N_txt] (integer): the image index of each caption; every image needs at least one.
+        ks: the cut-offs K (positive integers).
+        ties: ``'pessimistic'`` (wrong candidates tied with the correct one rank ahead of it) or ``'optimistic'``.
+        chunk: images (rows) processed at a time, bounding memory to ``chunk × N_txt``.
+
+    Returns:
+        ``{'r{k}_i2t': %, 'r{k}_t2i': %, ... , 'sum': Σ}`` with keys ordered k by k, i2t before t2i.
+    """
+    if ties not in TIE_RULES:
+        raise ValueError(f'ties={ties!r} is not valid; use one of {TIE_RULES}')
+    if similarity.dim() != 2:
+        raise ValueError(f'similarity must be a (N_img, N_txt) matrix, got shape {tuple(similarity.shape)}')
+    n_img, n_txt = similarity.shape
+    if n_img == 0 or n_txt == 0:
+        raise ValueError(f'similarity is empty (shape {tuple(similarity.shape)})')
+    if text_image.dtype.is_floating_point or text_image.dtype == torch.bool or tuple(text_image.shape) != (n_txt,):
+        raise ValueError(f'text_image must be an integer tensor of shape ({n_txt},) giving each caption\'s image '
+                         f'index; got dtype {text_image.dtype} shape {tuple(text_image.shape)}')
+    text_image = text_image.to(similarity.device, torch.long)
+    if n_txt and (int(text_image.min()) < 0 or int(text_image.max()) >= n_img):
+        raise ValueError(f'text_image holds image indices outside [0, {n_img}): '
+                         f'min {int(text_image.min())}, max {int(text_image.max())}')
+    captions_per_image = torch.bincount(text_image, minlength=n_img)
+    if bool((captions_per_image == 0).any()):
+        missing = torch.nonzero(captions_per_image == 0).flatten()[:5].tolist()
+        raise ValueError(f'every image needs at least one caption; image(s) {missing} have none')
+    if not bool(torch.isfinite(similarity).all()):
+        raise ValueError('similarity contains NaN or Inf values')
+    ks = list(ks)
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f'recall cut-offs must be positive integers, got {k!r}')
+    ahead = torch.ge if ties == 'pessimistic' else torch.gt
+
+    # image -> text: rank of the image's best caption among the other images' captions
+    i2t_rank = torch.empty(n_img, dtype=torch.long, device=similarity.device)
+    # text -> image: rank of the caption's image among all images
+    t2i_rank = torch.zeros(n_txt, dtype=torch.long, device=similarity.device)
+    own_sim = similarity[text_image, torch.arange(n_txt, device=similarity.device)]   # (N_txt,) s(image(t), t)
+    for start in range(0, n_img, chunk):
+        sim = similarity[start:start + chunk]                                           # (c, N_txt)
+        rows = torch.arange(start, start + sim.shape[0], device=sim.device)
+        own = text_image[None, :] == rows[:, None]                                       # (c, N_txt) captions of row
+        best = sim.masked_fill(~own, float('-inf')).max(dim=1).values                   # (c,)
+        i2t_rank[start:start + sim.shape[0]] = (ahead(sim, best[:, None]) & ~own).sum(dim=1)
+        t2i_rank += (ahead(sim, own_sim[None, :]) & ~own).sum(dim=0)
+    out: Dict[str, float] = {}
+    for k in ks:
+        out[f'r{k}_i2t'] = 100.0 * float((i2t_rank < k).double().mean())
+        out[f'r{k}_t2i'] = 100.0 * float((t2i_rank < k).double().mean())
+    out['sum'] = sum(out.values())
+    return out
