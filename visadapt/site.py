@@ -79,6 +79,8 @@ class Site:
 
 def site_from_module(module: nn.Module) -> Site:
     """Describe ``module``'s geometry. Raises TypeError for unsupported layer types."""
+    if '_va_site' in module.__dict__:  # already adapted (a second adapter on the same layer): the recorded geometry
+        return module.__dict__['_va_site']
     if not isinstance(module, SUPPORTED_LAYER_TYPES):
         raise TypeError(
             f'unsupported layer type {type(module).__module__}.{type(module).__name__}; supported: '
