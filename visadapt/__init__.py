@@ -18,7 +18,7 @@ from .io import save_adapter, load_adapter, adapter_state_dict, load_adapter_sta
 from .methods import *  # noqa: E402,F401,F403
 from .methods import FLoRAConfig, LoRAConfig  # noqa: E402
 from .methods import (DoRAConfig, VeRAConfig, IA3Config, SSLConfig, SSBConfig, BitFitConfig, MELoRAConfig,  # noqa: E402
-                      MoSLoRAConfig, FullFinetuneConfig, HeadOnlyConfig)
+                      MoSLoRAConfig, FullFinetuneConfig, HeadOnlyConfig, SeRAConfig, SVFTConfig)
 from .mpc import regularization_loss  # noqa: E402
 from . import mpc  # noqa: E402
 
@@ -27,4 +27,5 @@ __all__ = ['inject', 'merge', 'unmerge', 'remove', 'enable_adapter', 'disable_ad
            'count_parameters', 'adapter_names', 'InjectReport', 'AdapterConfig', 'Adapter', 'Site', 'METHODS',
            'register', 'get_config_class', 'config_from_dict', 'FLoRAConfig', 'LoRAConfig',
            'DoRAConfig', 'VeRAConfig', 'IA3Config', 'SSLConfig', 'SSBConfig', 'BitFitConfig', 'MELoRAConfig',
-           'MoSLoRAConfig', 'FullFinetuneConfig', 'HeadOnlyConfig', 'regularization_loss', 'mpc']
+           'MoSLoRAConfig', 'FullFinetuneConfig', 'HeadOnlyConfig', 'SeRAConfig', 'SVFTConfig', 'regularization_loss',
+           'mpc']

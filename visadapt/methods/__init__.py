@@ -1,7 +1,8 @@
 """Adapter methods. Importing a method module registers it; add new methods to ``_METHOD_MODULES``."""
 from importlib import import_module
 
-_METHOD_MODULES = ('flora', 'lora', 'dora', 'vera', 'ia3', 'ssl', 'ssb', 'bitfit', 'melora', 'moslora', 'full')
+_METHOD_MODULES = ('flora', 'lora', 'dora', 'vera', 'ia3', 'ssl', 'ssb', 'bitfit', 'melora', 'moslora', 'full',
+                  'sera', 'svft')
 
 for _name in _METHOD_MODULES:
     import_module(f'{__name__}.{_name}')
@@ -17,3 +18,5 @@ from .bitfit import BitFitConfig  # noqa: E402
 from .melora import MELoRAConfig  # noqa: E402
 from .moslora import MoSLoRAConfig  # noqa: E402
 from .full import FullFinetuneConfig, HeadOnlyConfig  # noqa: E402
+from .sera import SeRAConfig  # noqa: E402
+from .svft import SVFTConfig  # noqa: E402
