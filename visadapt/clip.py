@@ -1,0 +1,443 @@
+"""open_clip integration: build two-tower models offline, pick the SeRA paper's adapter targets, embed and evaluate.
+
+::
+
+    import visadapt, visadapt.clip as vclip
+    bundle = vclip.create_clip(config_path='clip_configs/EffNetLite0-MiniLM-L6.json', pretrained_image='packaged')
+    for name, config in vclip.retrieval_configs(bundle.model, {'method': 'SeRA', 'r': 8}).items():
+        visadapt.inject(bundle.model, config, name=name)
+
+Models: any open_clip architecture by name (``'ViT-B-32'``) or a custom config JSON (registered with
+``open_clip.add_model_config``), e.g. a timm image tower with a Hugging Face text tower. Nothing is downloaded:
+``pretrained`` must be a local file, timm towers start random or from ``pretrained_image`` (a local file or
+``'packaged'``, the ImageNet weights shipped in pip packages, see :data:`visadapt.timm.PACKAGED_WEIGHTS`), and a
+Hugging Face text tower loads from ``hf_model_name``, which should be a local directory (environment variables in it
+are expanded: ``"hf_model_name": "$MINILM_DIR"``). Set ``HF_HUB_OFFLINE=1`` before importing transformers so that a
+hub name fails instead of downloading.
+
+Targets (:func:`retrieval_configs`), as in the SeRA paper's retrieval experiments (section 4.2: "all methods
+fine-tuned only the query and value layers", on both towers):
+
+* attention query/value projections in every tower: separate Linears named ``query``/``value`` (BERT-style Hugging
+  Face text towers) or ``q_proj``/``v_proj`` are targeted directly; fused ones (``nn.MultiheadAttention`` in
+  open_clip's own transformers, timm's ``attn.qkv``) through the q and v slices of the fused weight, for methods
+  that support slice targeting;
+* conv towers (timm CNNs, ResNets: a tower with more than one conv; a ViT's single patch-embedding conv does not
+  count): every plain conv, with a second adapter (FLoRA by default, the method made for conv kernels).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import AdapterConfig, config_from_dict, get_config_class
+from .retrieval import retrieval_recall
+from .site import SUPPORTED_LAYER_TYPES
+
+try:
+    import open_clip as _open_clip
+    _has_open_clip = True
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _open_clip = None
+    _has_open_clip = False
+
+__all__ = ['has_open_clip', 'ClipBundle', 'load_model_config', 'create_clip', 'towers', 'attention_layers',
+           'conv_tower_layers', 'retrieval_configs', 'freeze_norm_stats', 'read_pairs', 'split_by_image',
+           'embed_images', 'embed_texts', 'evaluate_retrieval', 'QV_NAMES']
+
+PathLike = Union[str, os.PathLike]
+AdapterSpec = Union[AdapterConfig, Mapping[str, Any], str]
+
+#: names of separate query / value projections (Hugging Face BERT/RoBERTa: ``query``/``value``; CLIP-HF, OPT,
+#: LLaMA and open_clip's attention pools: ``q_proj``/``v_proj``)
+QV_NAMES = (('query', 'value'), ('q_proj', 'v_proj'))
+
+
+def has_open_clip(necessary: bool = False) -> bool:
+    """True if open_clip is importable; with ``necessary=True`` raise ImportError with the install command instead."""
+    if not _has_open_clip and necessary:
+        raise ImportError("visadapt.clip needs open_clip; install it with: pip install 'visadapt[clip]'")
+    return _has_open_clip
+
+
+# ---- building models ---------------------------------------------------------------------------------------------
+@dataclass
+class ClipBundle:
+    """What :func:`create_clip` returns.
+
+    Attributes:
+        model: the open_clip model (``encode_image`` / ``encode_text``).
+        tokenizer: callable list[str] → Tensor[N, context_length].
+        preprocess_train, preprocess_val: PIL image → Tensor[3, H, W] transforms.
+        name: the model's open_clip name.
+        model_cfg: the resolved model config (environment variables expanded).
+        mean, std: the image normalization the transforms use.
+    """
+    model: nn.Module
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    preprocess_train: Callable
+    preprocess_val: Callable
+    name: str
+    model_cfg: Dict[str, Any]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+
+def _expand(value: Any, what: str) -> Any:
+    if not isinstance(value, str) or '$' not in value:
+        return value
+    expanded = os.path.expandvars(value)
+    if '$' in expanded:
+        raise ValueError(f'{what}={value!r} uses an environment variable that is not set (expanded: {expanded!r})')
+    return expanded
+
+
+def load_model_config(path: PathLike) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    """Read an open_clip model config JSON: a bare model config or ``{"model_cfg": ..., "preprocess_cfg": ...}``.
+
+    Returns:
+        (name, model_cfg, preprocess_cfg): the name is the file's stem (open_clip's convention); environment
+        variables in the text tower's ``hf_model_name`` / ``hf_tokenizer_name`` are expanded.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'model config {path!r} not found')
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f'model config {path!r} is not valid JSON: {err}') from None
+    model_cfg = data.get('model_cfg', data) if isinstance(data, dict) else None
+    if not isinstance(model_cfg, dict) or not all(k in model_cfg for k in ('embed_dim', 'vision_cfg', 'text_cfg')):
+        raise ValueError(f'model config {path!r} needs embed_dim, vision_cfg and text_cfg (open_clip\'s format, '
+                         f'optionally inside "model_cfg"); got keys {sorted(model_cfg or data)}')
+    model_cfg = copy.deepcopy(model_cfg)
+    for key in ('hf_model_name', 'hf_tokenizer_name'):
+        if key in model_cfg['text_cfg']:
+            model_cfg['text_cfg'][key] = _expand(model_cfg['text_cfg'][key], f'text_cfg.{key}')
+    preprocess_cfg = dict(data.get('preprocess_cfg', {})) if 'model_cfg' in data else {}
+    return os.path.splitext(os.path.basename(path))[0], model_cfg, preprocess_cfg
+
+
+def _register_config(name: str, model_cfg: Dict[str, Any]) -> None:
+    """Make ``name`` known to open_clip (add_model_config reads files, so write the resolved config to one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f'{name}.json')
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump(model_cfg, f)
+        _open_clip.add_model_config(path)
+
+
+def _replace_timm_trunk(model: nn.Module, vision_cfg: Dict[str, Any], source: Union[str, os.PathLike]) -> Dict:
+    """Swap the timm image trunk for one with pretrained weights (``'packaged'`` or a local timm checkpoint)."""
+    from . import timm as vtimm
+    trunk = model.visual.trunk
+    arch = vision_cfg['timm_model_name']
+    pool = vision_cfg.get('timm_pool', 'avg')
+    new = vtimm.create_model(arch, pretrained=source)     # checks every key and shape, never touches a hub
+    new.reset_classifier(trunk.num_classes, **({'global_pool': '' if pool in ('abs_attn', 'rot_attn') else pool}
+                                               if pool else {}))
+    old_state, new_state = trunk.state_dict(), new.state_dict()
+    bad = [k for k in old_state if k not in new_state or new_state[k].shape != old_state[k].shape]
+    if bad or len(old_state) != len(new_state):
+        raise ValueError(f'the pretrained {arch} trunk does not match the tower built from the config '
+                         f'(first differing key: {(bad or sorted(set(new_state) ^ set(old_state)))[0]!r})')
+    if trunk.num_classes:  # the classifier is the CLIP projection here: keep its fresh init from the config build
+        new.get_classifier().load_state_dict(trunk.get_classifier().state_dict())
+    model.visual.trunk = new
+    return dict(new.pretrained_cfg)
+
+
+def create_clip(model_name: Optional[str] = None, *, config_path: Optional[PathLike] = None,
+                pretrained: Optional[PathLike] = None, pretrained_image: Optional[Union[str, os.PathLike]] = None,
+                device: Union[str, torch.device] = 'cpu') -> ClipBundle:
+    """Build an open_clip model, its tokenizer and transforms, offline.
+
+    Args:
+        model_name: an open_clip architecture (``'ViT-B-32'``, ``'RN50'``); or None with ``config_path``.
+        config_path: a model config JSON (see :func:`load_model_config`); registered under its file stem.
+        pretrained: a local CLIP checkpoint file for the whole model (open_clip's ``pretrained``, but never a tag:
+            tags download).
+        pretrained_image: weights for a timm image tower: ``'packaged'`` or a local timm checkpoint file. The image
+            normalization then follows those weights (e.g. mean = std = 0.5 for EfficientNet-Lite0).
+        device: where to build the model.
+    """
+    has_open_clip(necessary=True)
+    if (model_name is None) == (config_path is None):
+        raise ValueError(f'pass exactly one of model_name and config_path; got model_name={model_name!r}, '
+                         f'config_path={config_path!r}')
+    if pretrained is not None and not os.path.isfile(os.fspath(pretrained)):
+        raise FileNotFoundError(f'pretrained={os.fspath(pretrained)!r} is not a file; pass a local CLIP checkpoint '
+                                f'(pretrained tags would download from a hub, which visadapt never does)')
+    preprocess_cfg: Dict[str, Any] = {}
+    if config_path is not None:
+        name, model_cfg, preprocess_cfg = load_model_config(config_path)
+        _register_config(name, model_cfg)
+    else:
+        name = model_name
+        model_cfg = _open_clip.get_model_config(name)
+        if model_cfg is None:
+            raise ValueError(f'unknown open_clip model {name!r}; known: {", ".join(_open_clip.list_models()[:8])}, '
+                             f'... ({len(_open_clip.list_models())} in all), or pass config_path')
+    vision_cfg = model_cfg['vision_cfg']
+    if pretrained_image is not None and 'timm_model_name' not in vision_cfg:
+        raise ValueError(f'pretrained_image is for timm image towers, but {name!r} has no vision_cfg.timm_model_name')
+    model = _open_clip.create_model(name, pretrained=None if pretrained is None else os.fspath(pretrained),
+                                    pretrained_image=False, device='cpu')
+    if pretrained_image is not None:
+        timm_cfg = _replace_timm_trunk(model, vision_cfg, pretrained_image)
+        preprocess_cfg = {'mean': tuple(timm_cfg['mean']), 'std': tuple(timm_cfg['std']), **preprocess_cfg}
+    model.to(device)
+    pp = dict(model.visual.preprocess_cfg)
+    pp.update({k: v for k, v in preprocess_cfg.items() if k in ('mean', 'std', 'interpolation', 'resize_mode')})
+    size = model.visual.image_size
+    preprocess_train = _open_clip.image_transform(size, is_train=True, mean=pp['mean'], std=pp['std'],
+                                                  interpolation=pp.get('interpolation'),
+                                                  resize_mode=pp.get('resize_mode'))
+    preprocess_val = _open_clip.image_transform(size, is_train=False, mean=pp['mean'], std=pp['std'],
+                                                interpolation=pp.get('interpolation'),
+                                                resize_mode=pp.get('resize_mode'))
+    tokenizer = _open_clip.get_tokenizer(name)
+    return ClipBundle(model, tokenizer, preprocess_train, preprocess_val, name, model_cfg,
+                      tuple(pp['mean']), tuple(pp['std']))
+
+
+# ---- targets ---------------------------------------------------------------------------------------------------------
+def towers(model: nn.Module) -> Dict[str, List[str]]:
+    """Module-name prefixes of the image and text towers.
+
+    open_clip's ``CLIP`` keeps its text transformer at the top level (``transformer``, ``token_embedding``, ...);
+    ``CustomTextCLIP`` has ``text``. Returns ``{'image': ['visual'], 'text': [...]}``.
+    """
+    children = [n for n, _ in model.named_children()]
+    if 'visual' not in children:
+        raise ValueError(f'{type(model).__name__} has no image tower "visual"; children: {children}')
+    text = ['text'] if 'text' in children else [n for n in children if n != 'visual']
+    return {'image': ['visual'], 'text': text}
+
+
+def _in(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + '.') for p in prefixes)
+
+
+def _plain(module: nn.Module) -> bool:
+    base = next((t for t in SUPPORTED_LAYER_TYPES if isinstance(module, t)), None)
+    return base is not None and type(module).forward is base.forward
+
+
+def attention_layers(model: nn.Module) -> Dict[str, List[str]]:
+    """Query/value projections of every tower.
+
+    Returns:
+        ``{'separate': [...], 'fused': [...]}``: names of separate q/v Linears, and of fused attention projections
+        (``nn.MultiheadAttention`` modules and Linears named ``qkv``) whose q and v are slices of one weight.
+    """
+    separate, fused = [], []
+    for name, module in model.named_modules():
+        leaf = name.rsplit('.', 1)[-1]
+        if isinstance(module, nn.MultiheadAttention):
+            fused.append(name)
+        elif isinstance(module, nn.Linear) and _plain(module):
+            if leaf == 'qkv':
+                fused.append(name)
+            elif any(leaf in pair for pair in QV_NAMES):
+                separate.append(name)
+    return {'separate': separate, 'fused': fused}
+
+
+def conv_tower_layers(model: nn.Module) -> List[str]:
+    """Plain convs of the conv towers (towers with more than one conv; a ViT's patch embedding alone is skipped)."""
+    out = []
+    for prefixes in towers(model).values():
+        convs = [n for n, m in model.named_modules() if _in(n, prefixes) and isinstance(m, nn.modules.conv._ConvNd)]
+        if len(convs) > 1:
+            out += [n for n in convs if _plain(dict(model.named_modules())[n])]
+    return out
+
+
+def _as_config(spec: AdapterSpec) -> AdapterConfig:
+    if isinstance(spec, AdapterConfig):
+        return spec
+    if isinstance(spec, str):
+        return get_config_class(spec)()
+    if isinstance(spec, Mapping):
+        return config_from_dict(dict(spec))
+    raise TypeError(f'an adapter must be an AdapterConfig, a dict with a "method" key or a method name, got '
+                    f'{type(spec).__name__}')
+
+
+def _has_field(config: AdapterConfig, field: str) -> bool:
+    return any(f.name == field for f in dataclasses.fields(config))
+
+
+def retrieval_configs(model: nn.Module, adapter: AdapterSpec = 'SeRA', conv_adapter: Optional[AdapterSpec] = 'FLoRA',
+                      train_modules: Sequence[str] = ()) -> Dict[str, AdapterConfig]:
+    """Adapter configs for the SeRA paper's retrieval setting: ``{adapter name: config}`` to inject in order.
+
+    Args:
+        model: an open_clip model.
+        adapter: the method for the query/value projections of both towers (a config, a dict or a method name).
+            Its target fields (``include``/``target_types``/``slices``) are filled in; a config that sets
+            ``include`` itself is used as given.
+        conv_adapter: the method for the convs of conv towers (FLoRA by default), or None to leave them frozen.
+        train_modules: module-name patterns trained fully and saved with the first adapter (e.g. a fresh
+            projection head, ``'visual.head.proj'``).
+    Returns:
+        ``{'qv': ..., 'conv': ...}`` (either may be absent when the model has no such layers).
+    Raises:
+        ValueError: the model has fused attention but the method cannot target q/v slices, or nothing is adapted.
+    """
+    config = _as_config(adapter)
+    configs: Dict[str, AdapterConfig] = {}
+    train = list(train_modules)
+    layers = attention_layers(model)
+    if not getattr(config, 'adapts_layers', True):
+        configs['qv'] = dataclasses.replace(config, train_modules=list(config.train_modules) + train)
+        train = []
+    elif config.include is not None:  # the user chose the layers
+        configs['qv'] = dataclasses.replace(config, train_modules=list(config.train_modules) + train)
+        train = []
+    elif layers['separate'] or layers['fused']:
+        if layers['fused'] and not _has_field(config, 'slices'):
+            raise ValueError(f'{config.method} cannot target the q and v slices of fused attention projections '
+                             f'({layers["fused"][0]!r}, ...): it has no "slices" field; use a method with slice '
+                             f'targeting (e.g. SeRA, LoRA) or set include yourself')
+        fields: Dict[str, Any] = {'include': layers['separate'] + layers['fused'],
+                                  'train_modules': list(config.train_modules) + train}
+        if layers['fused']:  # only the fused layers are sliced; separate q/v Linears are adapted whole
+            fields['slices'] = {name: ['q', 'v'] for name in layers['fused']}
+        configs['qv'] = dataclasses.replace(config, **fields)
+        train = []
+    convs = conv_tower_layers(model)
+    if conv_adapter is not None and convs:
+        conv = _as_config(conv_adapter)
+        fields = {'train_modules': list(conv.train_modules) + train}
+        if conv.include is None:
+            fields['include'] = convs
+        configs['conv'] = dataclasses.replace(conv, **fields)
+        train = []
+    if not configs:
+        raise ValueError(f'nothing to adapt in {type(model).__name__}: no query/value projection and no conv tower '
+                         f'(or conv_adapter=None); pass a config with include set')
+    return configs
+
+
+def freeze_norm_stats(model: nn.Module) -> int:
+    """Put every BatchNorm in eval mode (call after ``model.train()``): frozen towers keep their running statistics,
+    so a saved adapter reproduces its metrics on a fresh copy of the base model. Returns how many were switched."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            n += 1
+    return n
+
+
+# ---- data --------------------------------------------------------------------------------------------------------------
+def read_pairs(path: PathLike, image_key: str = 'image', caption_key: str = 'caption',
+               root: Optional[PathLike] = None) -> List[Tuple[str, List[str]]]:
+    """Read (image path, caption) rows from JSONL or CSV and group captions by image.
+
+    A JSONL line is ``{"image": "a.png", "caption": "..."}``, or ``{"image": ..., "captions": [...]}`` (the key
+    ``caption_key + 's'``); a CSV has a header with the two columns. Relative image paths are resolved against
+    ``root`` (default: the data file's folder). Images keep the order of their first appearance.
+
+    Returns:
+        ``[(absolute image path, [caption, ...]), ...]``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'data file {path!r} not found')
+    root = os.path.dirname(os.path.abspath(path)) if root is None else os.fspath(root)
+    ext = os.path.splitext(path)[1].lower()
+    rows: List[Tuple[int, Dict[str, Any]]] = []
+    if ext in ('.jsonl', '.json'):
+        with open(path, encoding='utf-8') as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((i, json.loads(line)))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f'{path}:{i} is not valid JSON: {err}') from None
+    elif ext in ('.csv', '.tsv'):
+        with open(path, encoding='utf-8', newline='') as f:
+            reader = csv.DictReader(f, delimiter='\t' if ext == '.tsv' else ',')
+            rows = [(i, row) for i, row in enumerate(reader, 2)]
+    else:
+        raise ValueError(f'data file {path!r} must be .jsonl or .csv/.tsv, got {ext!r}')
+    groups: Dict[str, List[str]] = {}
+    for line, row in rows:
+        if not isinstance(row, dict) or image_key not in row:
+            raise ValueError(f'{path}:{line} has no {image_key!r} field (fields: {sorted(row) if isinstance(row, dict) else row})')
+        captions = row.get(caption_key + 's') if caption_key + 's' in row else [row.get(caption_key)]
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+            raise ValueError(f'{path}:{line} needs a non-empty string {caption_key!r} (or a list {caption_key + "s"!r})')
+        image = os.path.join(root, str(row[image_key]))
+        groups.setdefault(os.path.normpath(image), []).extend(c.strip() for c in captions)
+    if not groups:
+        raise ValueError(f'data file {path!r} holds no rows')
+    return list(groups.items())
+
+
+def split_by_image(items: Sequence[Tuple[str, List[str]]], val_fraction: float, seed: int = 0
+                   ) -> Tuple[List[Tuple[str, List[str]]], List[Tuple[str, List[str]]]]:
+    """Split grouped pairs into (train, val) by image, so no image has captions on both sides."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f'val_fraction must be in (0, 1), got {val_fraction!r}')
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(items) * val_fraction))
+    if n_val >= len(items):
+        raise ValueError(f'cannot split {len(items)} image(s) with val_fraction={val_fraction}: train would be empty')
+    val = sorted(order[:n_val])
+    val_set = set(val)
+    return [items[i] for i in range(len(items)) if i not in val_set], [items[i] for i in val]
+
+
+# ---- embedding and evaluation ----------------------------------------------------------------------------------
+@torch.no_grad()
+def embed_images(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """L2-normalised image embeddings: Tensor[N, 3, H, W] → Tensor[N, D] (float32, on the images' device)."""
+    out = [F.normalize(model.encode_image(images[i:i + batch_size]).float(), dim=-1)
+           for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(model: nn.Module, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised caption embeddings: Tensor[N, L] token ids → Tensor[N, D]."""
+    out = [F.normalize(model.encode_text(tokens[i:i + batch_size]).float(), dim=-1)
+           for i in range(0, tokens.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, text_image: torch.Tensor,
+                       batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), ties: str = 'pessimistic'
+                       ) -> Dict[str, float]:
+    """R@K both ways and their sum (see :func:`visadapt.retrieval.retrieval_recall`) with cosine similarity.
+
+    Args:
+        model: an open_clip model; evaluated in eval mode (its mode is restored afterwards).
+        images: Tensor[N_img, 3, H, W] preprocessed images.
+        tokens: Tensor[N_txt, L] tokenized captions.
+        text_image: Tensor[N_txt] index of each caption's image.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        similarity = embed_images(model, images, batch_size) @ embed_texts(model, tokens, 4 * batch_size).t()
+    finally:
+        model.train(was_training)
+    return retrieval_recall(similarity, text_image, ks=ks, ties=ties)
