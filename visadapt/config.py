@@ -6,7 +6,11 @@ Target selection (shared by every method):
 * ``include`` / ``exclude``: module-name patterns. A pattern matches a module name if it is equal to it, is a
   dotted suffix of it (``'qkv'`` matches ``blocks.0.attn.qkv``), or matches it as a shell glob (``'stages.*.conv*'``);
 * ``rank_pattern``: ``{pattern: rank}`` overrides of ``r`` for matching layers (first match wins);
-* ``train_modules``: patterns of modules trained fully and saved with the adapter (e.g. a classifier ``head``).
+* ``train_modules``: patterns of modules trained fully and saved with the adapter (e.g. a classifier ``head``);
+* ``slices``: adapt only some of the q/k/v slices of fused attention projections (timm's ``attn.qkv`` Linear,
+  ``nn.MultiheadAttention``'s ``in_proj_weight``), each with its own update: ``['q', 'v']`` for every adapted
+  layer, or ``{pattern: ['q', 'v']}`` for the layers matching a pattern (others are adapted whole).
+  See :mod:`visadapt.slices`.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -50,10 +54,12 @@ class AdapterConfig:
         train_modules: module-name patterns trained fully and saved with the adapter.
         forward_path: ``'auto'`` (cheaper path per input shape), ``'weight'`` (one op with W + ΔW) or ``'bypass'``.
         adapter_dtype: dtype of the adapter tensors: a float dtype name, or ``'base'`` to follow the base weight.
+        slices: None, a list of q/k/v slice names adapted in every layer (each layer's output must be 3 equal
+            slices), or ``{pattern: [slice names]}`` applying to the layers matching a pattern (first match wins).
     """
     method: ClassVar[str] = ''
     #: layer classes the method can adapt
-    supported_types: ClassVar[Tuple[type, ...]] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    supported_types: ClassVar[Tuple[type, ...]] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
     #: the adapter class (set by :func:`register`)
     adapter_cls: ClassVar[type] = None
     #: False for configs that adapt no layer (full fine-tuning, head-only): inject then only sets trainability
@@ -68,6 +74,7 @@ class AdapterConfig:
     train_modules: List[str] = field(default_factory=list)
     forward_path: str = 'auto'
     adapter_dtype: str = 'float32'
+    slices: Optional[Union[List[str], Dict[str, List[str]]]] = None
 
     def __post_init__(self) -> None:
         for attr in ('include', 'exclude', 'train_modules', 'target_types'):
@@ -90,6 +97,9 @@ class AdapterConfig:
             raise ValueError(f'rank_pattern is set but {self.method} has no rank r')
         for pattern, r in self.rank_pattern.items():
             _positive_int(r, f'rank_pattern[{pattern!r}]')
+        if self.slices is not None:
+            from .slices import normalize_slices
+            self.slices = normalize_slices(self.slices)
         self.validate()
 
     def validate(self) -> None:
@@ -116,11 +126,22 @@ class AdapterConfig:
         return base if self.adapter_dtype == 'base' else _DTYPES[self.adapter_dtype]
 
     def build_adapter(self, name: str, module: nn.Module):
-        """Build this method's adapter for ``module`` (called with the per-layer config). Override for slices."""
-        from .site import site_from_module
+        """Build this method's adapter for ``module`` (called with the per-layer config).
+
+        With ``slices`` selecting this layer, a :class:`visadapt.slices.SlicedAdapter` holding one adapter per slice.
+        """
+        from .site import base_weight, site_from_module
+        from .slices import build_sliced_adapter, slices_for
         site = site_from_module(module)
-        weight = module.weight.detach()
-        adapter = self.adapter_cls(self, site, weight)
+        weight = base_weight(module).detach()
+        chosen = slices_for(self.slices, name)
+        if chosen is not None:
+            adapter = build_sliced_adapter(self, site, weight, chosen)
+        else:
+            adapter = self.adapter_cls(self, site, weight)
+        if isinstance(module, nn.MultiheadAttention):
+            from .attention import check_attention_adapter
+            check_attention_adapter(adapter)
         return adapter.to(device=weight.device, dtype=self.torch_dtype(weight.dtype))
 
     # ---- serialization ------------------------------------------------------------------------------------------

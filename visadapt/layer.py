@@ -8,7 +8,7 @@ original class.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Tuple, Type
+from typing import Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,8 @@ import torch.nn as nn
 from .adapter import Adapter
 from .site import Site, run_op, site_from_module
 
-__all__ = ['AdaptedLayer', 'attach', 'detach', 'is_adapted', 'iter_adapted']
+__all__ = ['AdaptedLayer', 'attach', 'detach', 'convert', 'restore', 'is_adapted', 'iter_adapted',
+           'register_adapted_mixin']
 
 ADAPTER_ATTR = 'visadapt'
 
@@ -56,6 +57,14 @@ class AdaptedLayer:
 
 
 _ADAPTED_CLASSES: Dict[type, type] = {}
+#: base class → the AdaptedLayer subclass used for it (and its subclasses); nn.MultiheadAttention registers one in
+#: :mod:`visadapt.attention` because its forward is not a single F.linear
+_MIXINS: Dict[type, type] = {}
+
+
+def register_adapted_mixin(base: type, mixin: type) -> None:
+    """Use ``mixin`` (an :class:`AdaptedLayer` subclass) instead of AdaptedLayer for ``base`` and its subclasses."""
+    _MIXINS[base] = mixin
 
 
 def _adapted_class(cls: type) -> type:
@@ -64,7 +73,8 @@ def _adapted_class(cls: type) -> type:
         name = f'Adapted{cls.__name__}'
         if name in globals():  # another base class with the same __name__ already took it
             name = f'Adapted_{cls.__module__.replace(".", "_")}_{cls.__name__}'
-        new = type(name, (AdaptedLayer, cls), {'__module__': __name__, '__qualname__': name})
+        mixin = next((m for base, m in _MIXINS.items() if issubclass(cls, base)), AdaptedLayer)
+        new = type(name, (mixin, cls), {'__module__': __name__, '__qualname__': name})
         globals()[name] = new
         _ADAPTED_CLASSES[cls] = new
     return _ADAPTED_CLASSES[cls]
@@ -78,10 +88,13 @@ def is_adapted(module: nn.Module) -> bool:
     return isinstance(module, AdaptedLayer)
 
 
-def attach(module: nn.Module, name: str, adapter: Adapter) -> None:
-    """Add ``adapter`` to ``module`` under ``name``, converting the module in place on first use."""
+def convert(module: nn.Module, site: Optional[Site] = None) -> None:
+    """Swap ``module``'s class for its adapted subclass (no adapter yet); a no-op if it is adapted already.
+
+    ``site`` defaults to ``site_from_module(module)``.
+    """
     if not is_adapted(module):
-        site = site_from_module(module)
+        site = site_from_module(module) if site is None else site
         original = type(module)
         module.__class__ = _adapted_class(original)
         module._va_site = site
@@ -89,6 +102,19 @@ def attach(module: nn.Module, name: str, adapter: Adapter) -> None:
         module._va_merged = []
         module._va_disabled = set()
         module.add_module(ADAPTER_ATTR, nn.ModuleDict())
+
+
+def restore(module: nn.Module) -> None:
+    """Give an adapted module without adapters its original class back."""
+    del module._modules[ADAPTER_ATTR]
+    for attr in ('_va_site', '_va_merged', '_va_disabled'):
+        delattr(module, attr)
+    module.__class__ = module.__dict__.pop('_va_class')
+
+
+def attach(module: nn.Module, name: str, adapter: Adapter) -> None:
+    """Add ``adapter`` to ``module`` under ``name``, converting the module in place on first use."""
+    convert(module)
     module.visadapt[name] = adapter
 
 
@@ -98,10 +124,7 @@ def detach(module: nn.Module, name: str) -> Adapter:
     del module.visadapt[name]
     module._va_disabled.discard(name)
     if len(module.visadapt) == 0:
-        del module._modules[ADAPTER_ATTR]
-        for attr in ('_va_site', '_va_merged', '_va_disabled'):
-            delattr(module, attr)
-        module.__class__ = module.__dict__.pop('_va_class')
+        restore(module)
     return adapter
 
 
@@ -110,3 +133,6 @@ def iter_adapted(model: nn.Module, name: str = None) -> Iterator[Tuple[str, nn.M
     for layer_name, module in model.named_modules():
         if is_adapted(module) and (name is None or name in module.visadapt):
             yield layer_name, module
+
+
+from . import attention as _attention  # noqa: E402,F401  (registers the nn.MultiheadAttention adapted class)

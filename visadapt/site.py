@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Site', 'site_from_module', 'SUPPORTED_LAYER_TYPES', 'run_op', 'base_flops']
+__all__ = ['Site', 'site_from_module', 'base_weight', 'SUPPORTED_LAYER_TYPES', 'run_op', 'base_flops']
 
 # Modules whose forward is exactly "F.linear / F.convNd with self.weight and self.bias". Subclasses that override
 # ``forward`` (e.g. timm's Conv2dSame) compute something else and are refused with a clear error.
@@ -79,8 +79,14 @@ class Site:
 
 def site_from_module(module: nn.Module) -> Site:
     """Describe ``module``'s geometry. Raises TypeError for unsupported layer types."""
+    if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+        raise TypeError(f'nn.MultiheadAttention with kdim={module.kdim}, vdim={module.vdim} != embed_dim='
+                        f'{module.embed_dim} keeps separate q/k/v projection weights; only the fused '
+                        f'in_proj_weight (kdim == vdim == embed_dim) can be adapted')
     if '_va_site' in module.__dict__:  # already adapted (a second adapter on the same layer): the recorded geometry
         return module.__dict__['_va_site']
+    if isinstance(module, nn.MultiheadAttention):  # the fused in-projection (q; k; v) stacked on the output dim
+        return Site('linear', tuple(module.in_proj_weight.shape))
     if not isinstance(module, SUPPORTED_LAYER_TYPES):
         raise TypeError(
             f'unsupported layer type {type(module).__module__}.{type(module).__name__}; supported: '
@@ -99,6 +105,13 @@ def site_from_module(module: nn.Module) -> Site:
     return Site('conv', shape, tuple(module.stride), module.padding if isinstance(module.padding, str)
                 else tuple(module.padding), tuple(module.dilation), module.groups, module.padding_mode,
                 tuple(module._reversed_padding_repeated_twice))
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The weight an adapter on ``module`` updates: ``weight``, or ``in_proj_weight`` of nn.MultiheadAttention."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight
+    return module.weight
 
 
 def run_op(site: Site, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -67,7 +67,8 @@ class SeRAConfig(MPCConfigMixin, AdapterConfig):
         if self.split is not None:
             _positive_int(self.split, 'SeRA split')
             if self.r % self.split:
-                raise ValueError(f'SeRA split={self.split} must divide the rank r={self.r}; valid splits for r={self.r}: '
+                raise ValueError(f'SeRA split={self.split} must divide the rank r={self.r}; valid splits for '
+                                 f'r={self.r}: '
                                  f'{[s for s in range(1, self.r + 1) if self.r % s == 0]}')
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             raise ValueError(f'SeRA alpha must be a finite number, got {self.alpha!r}')

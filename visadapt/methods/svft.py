@@ -138,7 +138,8 @@ def svft_bases(matrix: torch.Tensor, r: Optional[int] = None) -> Tuple[torch.Ten
     """U (out, p) and V (in, p): the top-p singular vectors of ``matrix`` (out, in), p = min(out, in, r).
 
     Signs are canonical (the largest-magnitude entry of each u_i is positive, v_i flipped with it). Singular vectors
-    of repeated singular values are only defined up to a rotation; real weights have distinct ones. Computed in float32 (float64 for a float64 input) on the matrix's device.
+    of repeated singular values are only defined up to a rotation; real weights have distinct ones.
+    Computed in float32 (float64 for a float64 input) on the matrix's device.
     """
     dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
     u, _, vh = torch.linalg.svd(matrix.detach().to(dtype), full_matrices=False)
@@ -196,7 +197,7 @@ def svft_delta_weight(U: torch.Tensor, V: torch.Tensor, values: torch.Tensor, in
 
 
 def svft_apply_m(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """M z along ``dim`` of ``z`` (size p): (M z)_i = Σ_{(i, j) ∈ Ω} m_ij z_j, as a gather and a scatter-add (k MACs)."""
+    """M z along ``dim`` of ``z`` (size p): (M z)_i = Σ_{(i, j) ∈ Ω} m_ij z_j, a gather and a scatter-add (k MACs)."""
     dim = dim % z.dim()
     shape = [1] * z.dim()
     shape[dim] = -1
@@ -297,7 +298,8 @@ class SVFTAdapter(Adapter):
                              f'has {now["shape"]}')
         if saved.get('sha256') == now['sha256']:
             return
-        a, b = torch.tensor(saved.get('probe', []), dtype=torch.float64), torch.tensor(now['probe'], dtype=torch.float64)
+        a = torch.tensor(saved.get('probe', []), dtype=torch.float64)
+        b = torch.tensor(now['probe'], dtype=torch.float64)
         if a.shape != b.shape or (a - b).norm() > _FINGERPRINT_RTOL * max(b.norm().item(), 1e-30):
             raise ValueError(f'{where}: SVFT adapter was trained on a different base weight (fingerprint '
                              f'{saved.get("sha256", "?")[:12]}…, this layer {now["sha256"][:12]}…); its U and V are '
