@@ -14,4 +14,4 @@ torch.set_num_threads(1)
 def _seed() -> None:
     """Every test starts from the same RNG state, whatever ran before it."""
     random.seed(0)
-    torch.manual_seed(0)
+    torch.random.default_generator.manual_seed(0)  # CPU only; torch.manual_seed also queues CUDA seeding (slow)

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from . import __version__
 from .config import AdapterConfig, config_from_dict
-from .layer import iter_adapted
+from .layer import ADAPTER_ATTR, iter_adapted
 from .tuner import _injections, get_injection, inject, remove
 
 __all__ = ['save_adapter', 'load_adapter', 'adapter_state_dict', 'load_adapter_state_dict', 'atomic_write_bytes',
@@ -62,7 +62,8 @@ def adapter_state_dict(model: nn.Module, name: str = 'default') -> Dict[str, tor
     modules = dict(model.named_modules())
     for mod_name in injection.train_modules:
         for key, tensor in modules[mod_name].state_dict().items():
-            state[_trained_prefix(mod_name) + key] = tensor.detach().contiguous()
+            if ADAPTER_ATTR not in key.split('.'):  # adapters inside a train module are saved as adapters
+                state[_trained_prefix(mod_name) + key] = tensor.detach().contiguous()
     return state
 
 
@@ -97,10 +98,10 @@ def read_adapter(path: Union[str, os.PathLike]):
     try:
         with open(cfg_path) as f:
             meta = json.load(f)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f'{cfg_path!r} is not valid JSON: {err}') from None
-    if not isinstance(meta, dict) or 'config' not in meta:
-        raise ValueError(f"{cfg_path!r} is not a visadapt adapter config (no 'config' entry)")
+    if not isinstance(meta, dict) or not isinstance(meta.get('config'), dict):
+        raise ValueError(f"{cfg_path!r} is not a visadapt adapter config (no 'config' object)")
     try:
         tensors = load_file(st_path)
     except (SafetensorError, OSError, ValueError) as err:
@@ -122,6 +123,8 @@ def _check_tensors(model: nn.Module, name: str, tensors: Dict[str, torch.Tensor]
         if tuple(got.shape) != tuple(ref.shape):
             raise ValueError(f'{source}: tensor {key!r} has shape {tuple(got.shape)} in the file but '
                              f'{tuple(ref.shape)} in the model')
+        if ref.is_floating_point() != got.is_floating_point():
+            raise ValueError(f'{source}: tensor {key!r} has dtype {got.dtype} in the file but {ref.dtype} in the model')
         if got.is_floating_point() and not torch.isfinite(got).all():
             raise ValueError(f'{source}: tensor {key!r} contains NaN or Inf values')
 
@@ -140,7 +143,8 @@ def load_adapter_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], 
     for mod_name in injection.train_modules:
         prefix = _trained_prefix(mod_name)
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        modules[mod_name].load_state_dict(sub, strict=True)
+        # keys were validated above; only adapter keys of layers inside the module may be absent
+        modules[mod_name].load_state_dict(sub, strict=False)
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None,
@@ -153,10 +157,15 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], name: Optional
     Returns the config used. On any error the model is left unchanged.
     """
     meta, tensors = read_adapter(path)
-    config = config or config_from_dict(meta['config'])
+    if config is None:
+        try:
+            config = config_from_dict(meta['config'])
+        except (ValueError, TypeError) as err:
+            raise type(err)(f'{os.path.join(os.fspath(path), CONFIG_NAME)!r}: {err}') from None
     name = name or meta.get('adapter_name', 'default')
     source = f'adapter {os.fspath(path)!r}'
     saved_layers = meta.get('layers')
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     inject(model, config, name=name)
     try:
         if saved_layers is not None and saved_layers != get_injection(model, name).layers:
@@ -171,5 +180,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], name: Optional
         load_adapter_state_dict(model, tensors, name, source)
     except BaseException:
         remove(model, name)
+        for n, p in model.named_parameters():  # exactly the flags from before, whatever other adapters hold
+            p.requires_grad_(flags[n])
         raise
     return config

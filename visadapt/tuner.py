@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, check_adapter_name, matches
+from .attention import sync_attention
 from .layer import ADAPTER_ATTR, attach, detach, is_adapted, iter_adapted
 from .site import SUPPORTED_LAYER_TYPES, site_from_module
 
@@ -91,9 +92,13 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> List[Tuple[str, n
         if not any(n and matches(n, pattern) for n, _ in modules):
             raise ValueError(f'exclude pattern {pattern!r} matches no module; modules include '
                              f'{_examples([n for n, _ in modules])}')
+    # a fully trained module (e.g. the classifier) is not also adapted: its weights are trained directly
+    trained = [t for t in _select_train_modules(model, config.train_modules) if t]
     targets = []
     for n, m in modules:
         if not n or not isinstance(m, types):
+            continue
+        if any(n == t or n.startswith(t + '.') for t in trained):
             continue
         if config.include is not None and not any(matches(n, p) for p in config.include):
             continue
@@ -104,7 +109,8 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> List[Tuple[str, n
         targets.append((n, m))
     if not targets:
         raise ValueError(f'{config.method} selected no layer: no module of type(s) '
-                         f'{[t.__name__ for t in types]} passes include={config.include} exclude={config.exclude}')
+                         f'{[t.__name__ for t in types]} passes include={config.include} exclude={config.exclude}'
+                         f'{f" (train_modules {trained} are trained fully, not adapted)" if trained else ""}')
     for pattern in config.rank_pattern:
         if not any(matches(n, pattern) for n, _ in targets):
             raise ValueError(f'rank_pattern key {pattern!r} matches no adapted layer; adapted layers include '
@@ -131,6 +137,23 @@ def count_parameters(model: nn.Module) -> Tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def _freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter that is not an adapter's (adapters keep their own flags)."""
+    adapter_param_ids = {id(p) for _, m in iter_adapted(model) for p in m.visadapt.parameters()}
+    for p in model.parameters():
+        if id(p) not in adapter_param_ids:
+            p.requires_grad_(False)
+
+
+def _unfreeze_train_modules(model: nn.Module) -> None:
+    """Make the train_modules of every injected adapter trainable."""
+    modules = dict(model.named_modules())
+    for injection in _injections(model).values():
+        for n in injection.train_modules:
+            for p in modules[n].parameters():
+                p.requires_grad_(True)
+
+
 def inject(model: nn.Module, config: AdapterConfig, name: str = 'default') -> InjectReport:
     """Adapt ``model`` in place with ``config`` under adapter ``name``.
 
@@ -155,19 +178,14 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = 'default') -> In
         built.append((layer_name, module, adapter))
 
     requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
-    adapter_param_ids = {id(p) for _, m in iter_adapted(model) for p in m.visadapt.parameters()}
-    for p in model.parameters():
-        if id(p) not in adapter_param_ids:
-            p.requires_grad_(False)
+    _freeze_base(model)
     for layer_name, module, adapter in built:
         attach(module, name, adapter)
         for p in adapter.parameters():
             p.requires_grad_(True)
-    modules = dict(model.named_modules())
-    for n in train_modules:
-        for p in modules[n].parameters():
-            p.requires_grad_(True)
+    sync_attention(model)  # an adapted out_proj of nn.MultiheadAttention needs its attention module converted
     _injections(model)[name] = Injection(config, [n for n, _, _ in built], train_modules, requires_grad_before)
+    _unfreeze_train_modules(model)
     trainable, total = count_parameters(model)
     adapter_params = sum(a.num_trainable() for _, _, a in built)
     return InjectReport(name, config.method, [n for n, _, _ in built], trainable, total, adapter_params)
@@ -248,19 +266,25 @@ def remove(model: nn.Module, name: Optional[str] = None, merge_weights: bool = F
         merge(model, name)
     else:
         unmerge(model, name)
-    params = dict(model.named_parameters())
+    # the first injection holds the user's requires_grad flags from before any adapter
+    original_flags = next(iter(_injections(model).values())).requires_grad_before
     for n in names:
-        injection = _injections(model).pop(n)
+        _injections(model).pop(n)
         for _, module, sel in layers:
             if n in sel:
                 if n in module._va_merged:
                     module._va_merged.remove(n)
                 detach(module, n)
-        if not _injections(model):  # last adapter gone: restore the user's requires_grad flags
-            for pname, flag in injection.requires_grad_before.items():
-                if pname in params:
-                    params[pname].requires_grad_(flag)
-    if not _injections(model):
+    sync_attention(model)
+    params = dict(model.named_parameters())
+    if _injections(model):  # others remain: base frozen except their train_modules; they keep the original flags
+        next(iter(_injections(model).values())).requires_grad_before = original_flags
+        _freeze_base(model)
+        _unfreeze_train_modules(model)
+    else:  # last adapter gone: restore the user's requires_grad flags
+        for pname, flag in original_flags.items():
+            if pname in params:
+                params[pname].requires_grad_(flag)
         model.__dict__.pop(STATE_ATTR, None)
 
 
