@@ -55,7 +55,7 @@ class SmallCNN(nn.Module):
 
 
 def small_cnn(seed: int = 0) -> SmallCNN:
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)
     return SmallCNN().eval()
 
 
