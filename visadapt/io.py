@@ -22,7 +22,7 @@ from .layer import ADAPTER_ATTR, iter_adapted
 from .tuner import _injections, get_injection, inject, remove
 
 __all__ = ['save_adapter', 'load_adapter', 'adapter_state_dict', 'load_adapter_state_dict', 'atomic_write_bytes',
-           'CONFIG_NAME', 'WEIGHTS_NAME']
+           'atomic_write_files', 'CONFIG_NAME', 'WEIGHTS_NAME']
 
 CONFIG_NAME = 'adapter_config.json'
 WEIGHTS_NAME = 'adapter_model.safetensors'
@@ -30,21 +30,49 @@ ADAPTER_PREFIX = 'adapter.'
 TRAINED_PREFIX = 'trained.'
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once at import: os.umask can only be read by setting it
+
+
+def atomic_write_files(files: Dict[str, bytes]) -> None:
+    """Write several files so that a failure leaves every previous version intact.
+
+    Each file is written in full (and fsync'ed) to a temporary name in its target directory first; only when all of
+    them are on disk are they renamed into place (``os.replace``, atomic per file). An error while writing removes
+    the temporary files and changes nothing. Final files get the usual permissions (0o666 minus the umask), not
+    mkstemp's 0o600.
+    """
+    temps = []
+    try:
+        for path, data in files.items():
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+            temps.append((tmp, path))
+            with os.fdopen(fd, 'wb') as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        while temps:
+            tmp, path = temps[0]
+            os.replace(tmp, path)
+            temps.pop(0)
+    except BaseException:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory and an atomic rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_files({path: data})
 
 
 def _trained_prefix(mod_name: str) -> str:
@@ -81,8 +109,9 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = 'd
     config = {'visadapt_version': __version__, 'adapter_name': name, 'config': injection.config.to_dict(),
               'layers': injection.layers, 'train_modules': injection.train_modules,
               'layer_metadata': _layer_metadata(model, name)}
-    atomic_write_bytes(os.path.join(path, WEIGHTS_NAME), save(state, metadata={'format': 'pt', 'library': 'visadapt'}))
-    atomic_write_bytes(os.path.join(path, CONFIG_NAME), json.dumps(config, indent=2).encode())
+    # both files are fully written before either replaces its previous version
+    atomic_write_files({os.path.join(path, WEIGHTS_NAME): save(state, metadata={'format': 'pt', 'library': 'visadapt'}),
+                        os.path.join(path, CONFIG_NAME): json.dumps(config, indent=2).encode()})
 
 
 def read_adapter(path: Union[str, os.PathLike]):
