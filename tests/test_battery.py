@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import visadapt
-from visadapt.tuner import get_injection
+from visadapt.layer import iter_adapted
 from visadapt_testing import TinyNet, adapter_params, assert_unchanged, method_config, randomize_adapters, \
-    state_snapshot
+    small_cnn, state_snapshot
 
 
 # ---- layer cases ------------------------------------------------------------------------------------------------------
@@ -494,3 +494,43 @@ def test_timm_model_forward_paths_agree(arch):
     torch.testing.assert_close(out_b, out_w, **tolerance(out_w, 1e-4))
     for n in g_w:
         torch.testing.assert_close(g_b[n], g_w[n], **tolerance(g_w[n], 1e-3), msg=n)
+
+
+# ---- a multi-layer model per method -----------------------------------------------------------------------------------
+def _method_params() -> List[Any]:
+    return [pytest.param(method, variant, id=f'{cls.method}[{_variant_id(variant)}]')
+            for method, cls in sorted(visadapt.METHODS.items()) if cls.adapts_layers
+            for variant in METHOD_VARIANTS.get(method, [{}])]
+
+
+@pytest.mark.parametrize('method,variant', _method_params())
+def test_multi_layer_model(method, variant, tmp_path):
+    """Every supported layer of a small CNN at once (shared tensors across layers, per-layer save keys), with a
+    fully trained head: identity, merge, save/load into a fresh model, remove."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    model = small_cnn()
+    state0 = {k: v.clone() for k, v in model.state_dict().items()}
+    classes0 = {n: type(m) for n, m in model.named_modules()}
+    with torch.no_grad():
+        base = model(x)
+    report = visadapt.inject(model, method_config(method, train_modules=['head'], **variant))
+    assert report.layers and 'head' not in report.layers
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base, rtol=0, atol=IDENTITY_ATOL.get(method, 0.0))
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+        adapted = model(x)
+    visadapt.save_adapter(model, tmp_path)
+    fresh = small_cnn()
+    visadapt.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), adapted)
+    if all(a.mergeable for _, m in iter_adapted(model) for a in m.visadapt.values()):
+        visadapt.merge(fresh)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), adapted, **tolerance(adapted))
+    visadapt.remove(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state0[k]) or k.startswith('head.'), k
