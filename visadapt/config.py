@@ -110,6 +110,9 @@ class AdapterConfig:
         """Per-module filter after type and name matching (e.g. BitFit skipping layers without a bias)."""
         return True
 
+    #: why :meth:`accepts` refuses layers (shown when nothing is left to adapt)
+    refusal_note: ClassVar[str] = ''
+
     def target_classes(self) -> Tuple[type, ...]:
         if self.target_types is None:
             return self.supported_types

@@ -94,7 +94,7 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> List[Tuple[str, n
                              f'{_examples([n for n, _ in modules])}')
     # a fully trained module (e.g. the classifier) is not also adapted: its weights are trained directly
     trained = [t for t in _select_train_modules(model, config.train_modules) if t]
-    targets = []
+    targets, refused = [], []
     for n, m in modules:
         if not n or not isinstance(m, types):
             continue
@@ -104,13 +104,17 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> List[Tuple[str, n
             continue
         if any(matches(n, p) for p in config.exclude):
             continue
-        if not isinstance(m, supported) or not config.accepts(m):
+        if not isinstance(m, supported):
+            continue
+        if not config.accepts(m):
+            refused.append(n)
             continue
         targets.append((n, m))
     if not targets:
         raise ValueError(f'{config.method} selected no layer: no module of type(s) '
                          f'{[t.__name__ for t in types]} passes include={config.include} exclude={config.exclude}'
-                         f'{f" (train_modules {trained} are trained fully, not adapted)" if trained else ""}')
+                         f'{f" (train_modules {trained} are trained fully, not adapted)" if trained else ""}'
+                         f'{f"; {len(refused)} matching layers were refused: {config.refusal_note}" if refused else ""}')
     for pattern in config.rank_pattern:
         if not any(matches(n, pattern) for n, _ in targets):
             raise ValueError(f'rank_pattern key {pattern!r} matches no adapted layer; adapted layers include '

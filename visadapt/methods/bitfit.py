@@ -50,6 +50,8 @@ class BitFitConfig(AdapterConfig):
         if self.bias_free not in BIAS_FREE:
             raise ValueError(f'BitFit bias_free={self.bias_free!r} is not valid; use one of {BIAS_FREE}')
 
+    refusal_note = "they have no bias and bias_free='skip'; use bias_free='add' to give them a bias delta"
+
     def accepts(self, module: nn.Module) -> bool:
         return self.bias_free == 'add' or getattr(module, 'bias', None) is not None
 
