@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     if args.eval_adapters:
         adapter_root = os.path.join(args.eval_adapters, 'adapters')
-        names = sorted(os.listdir(adapter_root), key=lambda n: (n != 'qv', n))
+        names = sorted(os.listdir(adapter_root), key=lambda n: ({'head': 0, 'qv': 1}.get(n, 2), n))
         for n in names:
             visadapt.load_adapter(model, os.path.join(adapter_root, n), name=n)
         metrics = evaluate()

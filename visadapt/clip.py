@@ -145,7 +145,8 @@ def _replace_timm_trunk(model: nn.Module, vision_cfg: Dict[str, Any], source: Un
     trunk = model.visual.trunk
     arch = vision_cfg['timm_model_name']
     pool = vision_cfg.get('timm_pool', 'avg')
-    new = vtimm.create_model(arch, pretrained=source)     # checks every key and shape, never touches a hub
+    # checks every key and shape, never touches a hub
+    new = vtimm.create_model(arch, pretrained=source, drop_path_rate=vision_cfg.get('timm_drop_path'))
     new.reset_classifier(trunk.num_classes, **({'global_pool': '' if pool in ('abs_attn', 'rot_attn') else pool}
                                                if pool else {}))
     old_state, new_state = trunk.state_dict(), new.state_dict()
@@ -169,8 +170,9 @@ def create_clip(model_name: Optional[str] = None, *, config_path: Optional[PathL
         config_path: a model config JSON (see :func:`load_model_config`); registered under its file stem.
         pretrained: a local CLIP checkpoint file for the whole model (open_clip's ``pretrained``, but never a tag:
             tags download).
-        pretrained_image: weights for a timm image tower: ``'packaged'`` or a local timm checkpoint file. The image
-            normalization then follows those weights (e.g. mean = std = 0.5 for EfficientNet-Lite0).
+        pretrained_image: weights for a timm image tower: ``'packaged'`` or a local timm checkpoint file; applied
+            after ``pretrained`` (it replaces the image trunk). The image normalization then follows those weights
+            (e.g. mean = std = 0.5 for EfficientNet-Lite0) unless the config's ``preprocess_cfg`` sets it.
         device: where to build the model.
     """
     has_open_clip(necessary=True)
@@ -266,15 +268,21 @@ def conv_tower_layers(model: nn.Module) -> List[str]:
     return out
 
 
-def _as_config(spec: AdapterSpec) -> AdapterConfig:
+def _as_config(spec: AdapterSpec, train_modules: Sequence[str] = ()) -> AdapterConfig:
     if isinstance(spec, AdapterConfig):
         return spec
     if isinstance(spec, str):
-        return get_config_class(spec)()
+        cls = get_config_class(spec)
+        # layer-free configs (HeadOnly) need their train_modules up front
+        return cls() if cls.adapts_layers else cls(train_modules=list(train_modules))
     if isinstance(spec, Mapping):
         return config_from_dict(dict(spec))
     raise TypeError(f'an adapter must be an AdapterConfig, a dict with a "method" key or a method name, got '
                     f'{type(spec).__name__}')
+
+
+def _union(a: Sequence[str], b: Sequence[str]) -> List[str]:
+    return list(a) + [x for x in b if x not in a]
 
 
 def _has_field(config: AdapterConfig, field: str) -> bool:
@@ -294,19 +302,18 @@ def retrieval_configs(model: nn.Module, adapter: AdapterSpec = 'SeRA', conv_adap
         train_modules: module-name patterns trained fully and saved with the first adapter (e.g. a fresh
             projection head, ``'visual.head.proj'``).
     Returns:
-        ``{'qv': ..., 'conv': ...}`` (either may be absent when the model has no such layers).
+        ``{'qv': ..., 'conv': ...}`` (either may be absent when the model has no such layers); a layer-free
+        ``adapter`` (``'HeadOnly'``: train only ``train_modules``) is returned under ``'head'``.
     Raises:
         ValueError: the model has fused attention but the method cannot target q/v slices, or nothing is adapted.
     """
-    config = _as_config(adapter)
+    config = _as_config(adapter, train_modules)
     configs: Dict[str, AdapterConfig] = {}
     train = list(train_modules)
     layers = attention_layers(model)
-    if not getattr(config, 'adapts_layers', True):
-        configs['qv'] = dataclasses.replace(config, train_modules=list(config.train_modules) + train)
-        train = []
-    elif config.include is not None:  # the user chose the layers
-        configs['qv'] = dataclasses.replace(config, train_modules=list(config.train_modules) + train)
+    if not config.adapts_layers or config.include is not None:  # layer-free (HeadOnly), or the user chose layers
+        key = 'qv' if config.adapts_layers else 'head'
+        configs[key] = dataclasses.replace(config, train_modules=_union(config.train_modules, train))
         train = []
     elif layers['separate'] or layers['fused']:
         if layers['fused'] and not _has_field(config, 'slices'):
@@ -314,7 +321,7 @@ def retrieval_configs(model: nn.Module, adapter: AdapterSpec = 'SeRA', conv_adap
                              f'({layers["fused"][0]!r}, ...): it has no "slices" field; use a method with slice '
                              f'targeting (e.g. SeRA, LoRA) or set include yourself')
         fields: Dict[str, Any] = {'include': layers['separate'] + layers['fused'],
-                                  'train_modules': list(config.train_modules) + train}
+                                  'train_modules': _union(config.train_modules, train)}
         if layers['fused']:  # only the fused layers are sliced; separate q/v Linears are adapted whole
             fields['slices'] = {name: ['q', 'v'] for name in layers['fused']}
         configs['qv'] = dataclasses.replace(config, **fields)
@@ -322,7 +329,7 @@ def retrieval_configs(model: nn.Module, adapter: AdapterSpec = 'SeRA', conv_adap
     convs = conv_tower_layers(model)
     if conv_adapter is not None and convs:
         conv = _as_config(conv_adapter)
-        fields = {'train_modules': list(conv.train_modules) + train}
+        fields = {'train_modules': _union(conv.train_modules, train)}
         if conv.include is None:
             fields['include'] = convs
         configs['conv'] = dataclasses.replace(conv, **fields)
