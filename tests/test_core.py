@@ -69,13 +69,24 @@ def test_unsupported_layer_named_exactly():
                   r"FLoRA cannot adapt.*'Conv2d'", visadapt.inject, model, visadapt.FLoRAConfig(include=['ln']))
 
 
+def test_include_pattern_naming_a_container_suggests_a_glob():
+    model = nn.Sequential()
+    model.add_module('stage', nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)))
+    model.add_module('head', nn.Linear(8, 2))
+    _expect_error(model, ValueError, r"include pattern 'stage' matches container module\(s\) of type\(s\) "
+                  r"\['Sequential'\], not layers; to adapt the layers inside use a glob such as 'stage\.\*' "
+                  r"\(e\.g\. 'stage\.0', 'stage\.2'\)", visadapt.inject, model, visadapt.FLoRAConfig(include=['stage']))
+    assert visadapt.inject(model, visadapt.FLoRAConfig(include=['stage.*'])).layers == ['stage.0', 'stage.2']
+
+
 def test_timm_conv2d_same_subclass_is_refused_and_nothing_is_converted():
     """timm's Conv2dSame subclasses nn.Conv2d but pads in forward(): adapting it as a plain conv would be wrong."""
     from timm.layers import Conv2dSame
     model = small_cnn()
     model.same = Conv2dSame(16, 16, 3, stride=2)
     _expect_error(model, TypeError, r"cannot adapt layer 'same': unsupported layer type "
-                  r"timm\.layers\.conv2d_same\.Conv2dSame.*overrides forward",
+                  r"timm\.layers\.conv2d_same\.Conv2dSame.*overrides forward.*\(leave it out with "
+                  r"exclude=\['same'\]\)",
                   visadapt.inject, model, visadapt.FLoRAConfig(target_types=['Conv2d']))
     # leaving it out works
     report = visadapt.inject(model, visadapt.FLoRAConfig(target_types=['Conv2d'], exclude=['same']))
@@ -102,6 +113,13 @@ def test_bad_adapter_name(name):
                   visadapt.FLoRAConfig(), name=name)
 
 
+@pytest.mark.parametrize('name', ['keys', 'training', 'forward', '_modules'])
+def test_adapter_name_reserved_by_module_dict(name):
+    model = small_cnn()
+    _expect_error(model, ValueError, f"adapter name '{name}' is reserved", visadapt.inject, model,
+                  visadapt.FLoRAConfig(), name=name)
+
+
 def test_config_must_be_a_config_object():
     model = small_cnn()
     _expect_error(model, TypeError, r'config must be an AdapterConfig .*got dict', visadapt.inject, model,
@@ -123,6 +141,26 @@ def test_method_build_error_names_the_layer_and_changes_nothing():
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 3), nn.Linear(3, 5))
     _expect_error(model, ValueError, r"cannot adapt layer '1': SeRA split=8 .* out_features=3", visadapt.inject,
                   model, visadapt.get_config_class('SeRA')())
+
+
+def test_failure_while_attaching_rolls_back(monkeypatch):
+    """Even an unexpected error in the modifying phase (here: the third attach) leaves no half-injected model."""
+    import visadapt.tuner as tuner
+    model = small_cnn()
+    visadapt.inject(model, visadapt.LoRAConfig(r=2, include=['pw'], train_modules=['head']), name='first')
+    before = state_snapshot(model)
+    real_attach, calls = tuner.attach, []
+
+    def flaky(module, name, adapter):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError('simulated failure')
+        real_attach(module, name, adapter)
+    monkeypatch.setattr(tuner, 'attach', flaky)
+    with pytest.raises(RuntimeError, match='simulated failure'):
+        visadapt.inject(model, visadapt.FLoRAConfig(r=2), name='second')
+    assert_unchanged(model, before)
+    assert list(model.pw.visadapt.keys()) == ['first']
 
 
 @pytest.mark.parametrize('data,exc,match', [

@@ -197,4 +197,7 @@ def config_from_dict(data: Dict[str, Any]) -> AdapterConfig:
 def check_adapter_name(name: Any) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f'adapter name {name!r} is not valid; use a Python identifier such as "default"')
+    if hasattr(nn.ModuleDict(), name):  # adapters live in an nn.ModuleDict: its own attributes cannot be keys
+        raise ValueError(f'adapter name {name!r} is reserved (an attribute of nn.ModuleDict); use another '
+                         f'identifier such as "default" or "task_{name}"')
     return name

@@ -85,6 +85,11 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> List[Tuple[str, n
                              f'{_examples([n for n, _ in modules])}')
         if not any(isinstance(m, types) for _, m in hit):
             kinds = sorted({type(m).__name__ for _, m in hit})
+            inside = [n for n, m in modules if any(n.startswith(h + '.') for h, _ in hit) and isinstance(m, types)]
+            if inside:  # a container (block, stage): patterns select layers, not everything under a module
+                raise ValueError(f'include pattern {pattern!r} matches container module(s) of type(s) {kinds}, not '
+                                 f'layers; to adapt the layers inside use a glob such as {pattern + ".*"!r} '
+                                 f'(e.g. {_examples(inside, 3)})')
             raise ValueError(f'include pattern {pattern!r} matches only modules of type(s) {kinds}, which '
                              f'{config.method} cannot adapt here; supported/selected types: '
                              f'{[t.__name__ for t in types]} (e.g. {_examples([n for n, m in modules if isinstance(m, types)])})')
@@ -118,6 +123,10 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> List[Tuple[str, n
     for pattern in config.rank_pattern:
         if not any(matches(n, pattern) for n, _ in targets):
             raise ValueError(f'rank_pattern key {pattern!r} matches no adapted layer; adapted layers include '
+                             f'{_examples([n for n, _ in targets])}')
+    for pattern in config.slices if isinstance(config.slices, dict) else ():
+        if not any(matches(n, pattern) for n, _ in targets):
+            raise ValueError(f'slices key {pattern!r} matches no adapted layer; adapted layers include '
                              f'{_examples([n for n, _ in targets])}')
     return targets
 
@@ -178,18 +187,32 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = 'default') -> In
         try:
             adapter = config.for_layer(layer_name).build_adapter(layer_name, module)
         except (ValueError, TypeError) as err:
-            raise type(err)(f'cannot adapt layer {layer_name!r}: {err}') from None
+            raise type(err)(f'cannot adapt layer {layer_name!r}: {err} (leave it out with '
+                            f'exclude=[{layer_name!r}])') from None
         built.append((layer_name, module, adapter))
 
     requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
-    _freeze_base(model)
-    for layer_name, module, adapter in built:
-        attach(module, name, adapter)
-        for p in adapter.parameters():
-            p.requires_grad_(True)
-    sync_attention(model)  # an adapted out_proj of nn.MultiheadAttention needs its attention module converted
-    _injections(model)[name] = Injection(config, [n for n, _, _ in built], train_modules, requires_grad_before)
-    _unfreeze_train_modules(model)
+    try:
+        _freeze_base(model)
+        for layer_name, module, adapter in built:
+            attach(module, name, adapter)
+            for p in adapter.parameters():
+                p.requires_grad_(True)
+        sync_attention(model)  # an adapted out_proj of nn.MultiheadAttention needs its attention module converted
+        _injections(model)[name] = Injection(config, [n for n, _, _ in built], train_modules, requires_grad_before)
+        _unfreeze_train_modules(model)
+    except BaseException:  # not expected after validation; still, never leave a half-injected model behind
+        _injections(model).pop(name, None)
+        for _, module, _ in built:
+            if is_adapted(module) and name in module.visadapt:
+                detach(module, name)
+        sync_attention(model)
+        if not _injections(model):
+            model.__dict__.pop(STATE_ATTR, None)
+        for n, p in model.named_parameters():
+            if n in requires_grad_before:
+                p.requires_grad_(requires_grad_before[n])
+        raise
     trainable, total = count_parameters(model)
     adapter_params = sum(a.num_trainable() for _, _, a in built)
     return InjectReport(name, config.method, [n for n, _, _ in built], trainable, total, adapter_params)
