@@ -258,6 +258,14 @@ def test_bad_slice_names(slices, match):
         visadapt.LoRAConfig(slices=slices)
 
 
+def test_slices_pattern_that_matches_no_adapted_layer():
+    model = tiny_vit()
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match="slices key 'attn.qkvv' matches no adapted layer"):
+        visadapt.inject(model, visadapt.SVFTConfig(include=['qkv'], slices={'attn.qkvv': ['q', 'v']}))
+    assert_unchanged(model, before)
+
+
 def test_slices_on_a_layer_that_is_not_three_slices():
     model = tiny_vit()
     before = state_snapshot(model)
