@@ -161,10 +161,12 @@ def svft_pattern(pattern: str, p: int, off_diag: int = 2, k: Optional[int] = Non
     if pattern == 'plain':
         idx = torch.arange(p)
         return torch.stack([idx, idx])
-    if pattern == 'banded':
-        rows, cols = torch.meshgrid(torch.arange(p), torch.arange(p), indexing='ij')
-        keep = (rows - cols).abs() <= off_diag
-        return torch.stack([rows[keep], cols[keep]])
+    if pattern == 'banded':  # diagonal by diagonal (O(p·d), not O(p²)), then row-major order
+        d = min(off_diag, p - 1)
+        rows = torch.cat([torch.arange(max(0, -o), p - max(0, o)) for o in range(-d, d + 1)])
+        cols = torch.cat([torch.arange(max(0, o), p - max(0, -o)) for o in range(-d, d + 1)])
+        flat = (rows * p + cols).sort().values
+        return torch.stack([flat // p, flat % p])
     n = banded_count(p, off_diag) if k is None else k
     if n > p * p:
         raise ValueError(f'SVFT {pattern} pattern: k={n} is larger than the {p}×{p} matrix M ({p * p} entries); '
