@@ -36,6 +36,7 @@ everything; ``HeadOnly`` freezes the backbone without adapting it.
 """
 from __future__ import annotations
 
+import codecs
 import importlib
 import importlib.util
 from collections import OrderedDict
@@ -316,9 +317,10 @@ def _safe_globals() -> list:
     import numpy as np
     from mmengine.logging import HistoryBuffer
     multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
-    safe: list = [HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct]
+    # HistoryBuffer pickles its statistics methods as getattr(buffer, 'mean'); numpy scalars need codecs.encode
+    safe: list = [HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, getattr,
+                  codecs.encode]
     safe += [type(np.dtype(t)) for t in ('float64', 'float32', 'float16', 'int64', 'int32', 'uint8', 'bool')]
-    safe += [np.float64, np.float32, np.int64, np.int32, np.bool_]
     return safe
 
 
