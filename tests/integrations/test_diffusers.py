@@ -235,7 +235,7 @@ def test_kohya_tucker_padding_and_stacking_rebuild_exactly():
         expected = sum(a.delta_weight() for a in layer.visadapt.values())
         torch.testing.assert_close(rebuilt.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
     assert state['lora_unet_0.lora_mid.weight'].shape == (6, 6, 3, 3)  # r_in = 3 padded to r_out = 6
-    assert state['lora_unet_1.lora_down.weight'].shape == (6 + 6, 8, 3, 3)  # FLoRA chain (6) + LoRA (2): no mid
+    assert state['lora_unet_1.lora_down.weight'].shape == (6 + 2, 16, 3, 3)  # FLoRA chain (6) + LoRA (2): no mid
     assert 'lora_unet_1.lora_mid.weight' not in state
 
 
@@ -291,7 +291,7 @@ def test_attention_only_lora_export_loads_into_the_unet(tiny_sdxl):
     state = vd.diffusers_lora_state_dict({'unet': unet})
     n_attn = sum(n.split('.')[-1] in ('to_q', 'to_k', 'to_v') or n.endswith('to_out.0') for n, _ in unet.named_modules())
     assert len(state) == 2 * n_attn  # lora_A and lora_B of every attention projection
-    base.load_lora_adapter({k[len('unet.'):]: v for k, v in state.items()}, adapter_name='sera')
+    base.load_lora_adapter(state, prefix='unet', adapter_name='sera')
     torch.testing.assert_close(_unet_out(base), _unet_out(unet), rtol=1e-4, atol=1e-4)
 
 
