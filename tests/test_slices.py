@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import visadapt
 from visadapt.layer import iter_adapted
 from visadapt.methods.svft import svft_bases, svft_num_params
+from visadapt.site import base_weight
 from visadapt.slices import SlicedAdapter
-from visadapt_testing import adapter_params, assert_unchanged, randomize_adapters, state_snapshot
+from visadapt_testing import adapter_params, assert_unchanged, method_config, randomize_adapters, state_snapshot
 
 CONFIGS = {
     'SVFT': lambda **kw: visadapt.SVFTConfig(pattern='banded', off_diag=1, **kw),
@@ -248,6 +249,40 @@ def test_mha_with_separate_kv_dims_is_refused():
     with pytest.raises(TypeError, match='separate q/k/v projection weights'):
         visadapt.inject(model, visadapt.SVFTConfig(target_types=['MultiheadAttention']))
     assert_unchanged(model, before)
+
+
+# ---- every registered method, sliced ----------------------------------------------------------------------------------
+LAYER_METHODS = sorted(m for m, cls in visadapt.METHODS.items() if cls.adapts_layers)
+
+
+@pytest.mark.parametrize('build,include,shape', [(tiny_vit, 'qkv', (2, 3, 32, 32)), (tiny_tower, 'attn', (2, 5, 32))],
+                         ids=['timm_qkv', 'open_clip_mha'])
+@pytest.mark.parametrize('method', LAYER_METHODS)
+def test_every_method_on_q_v_slices(method, build, include, shape, tmp_path):
+    """Identity at init, q/v-only updates, save/load, merge == unmerged, for every registered layer method."""
+    model = build()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        base = model(x)
+    visadapt.inject(model, method_config(method, include=[include], slices=['q', 'v']))
+    adapters = [m.visadapt['default'] for _, m in iter_adapted(model, 'default')]
+    assert adapters and all(isinstance(a, SlicedAdapter) and a.parts == ['q', 'v'] for a in adapters)
+    with torch.no_grad():
+        assert torch.equal(model(x), base)
+    randomize_adapters(model)
+    visadapt.save_adapter(model, tmp_path / 'ad')
+    fresh = build()
+    visadapt.load_adapter(fresh, tmp_path / 'ad')
+    with torch.no_grad():
+        adapted = model(x)
+        assert (adapted - base).abs().max() > 1e-5
+        assert torch.equal(fresh(x), adapted)
+        weight = base_weight(next(m for _, m in iter_adapted(model, 'default')))
+        before = weight.detach().clone()
+        visadapt.merge(model)
+        d = weight.shape[0] // 3
+        assert torch.equal(weight[d:2 * d], before[d:2 * d])                    # k rows untouched
+        _close(model(x), adapted, rtol=1e-4)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Site', 'site_from_module', 'base_weight', 'SUPPORTED_LAYER_TYPES', 'run_op', 'base_flops']
+__all__ = ['Site', 'site_from_module', 'base_weight', 'base_bias', 'SUPPORTED_LAYER_TYPES', 'run_op', 'base_flops']
 
 # Modules whose forward is exactly "F.linear / F.convNd with self.weight and self.bias". Subclasses that override
 # ``forward`` (e.g. timm's Conv2dSame) compute something else and are refused with a clear error.
@@ -92,10 +92,12 @@ def site_from_module(module: nn.Module) -> Site:
             f'unsupported layer type {type(module).__module__}.{type(module).__name__}; supported: '
             + ', '.join(f'nn.{t.__name__}' for t in SUPPORTED_LAYER_TYPES))
     base = next(t for t in SUPPORTED_LAYER_TYPES if isinstance(module, t))
-    if type(module).forward is not base.forward:
+    overridden = type(module).forward is not base.forward or (
+        base is not nn.Linear and type(module)._conv_forward is not base._conv_forward)
+    if overridden:
         raise TypeError(
             f'unsupported layer type {type(module).__module__}.{type(module).__name__}: it subclasses nn.{base.__name__} '
-            f'but overrides forward(), so its output is not F.{"linear" if base is nn.Linear else "conv"}(x, W, b); '
+            f'but overrides forward() or _conv_forward(), so its output is not F.{"linear" if base is nn.Linear else "conv"}(x, W, b); '
             f'supported: plain ' + ', '.join(f'nn.{t.__name__}' for t in SUPPORTED_LAYER_TYPES))
     shape = tuple(module.weight.shape)
     if isinstance(module, nn.Linear):
@@ -112,6 +114,13 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.MultiheadAttention):
         return module.in_proj_weight
     return module.weight
+
+
+def base_bias(module: nn.Module) -> Optional[torch.Tensor]:
+    """The bias that goes with :func:`base_weight`: ``bias``, or ``in_proj_bias`` of nn.MultiheadAttention."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_bias
+    return getattr(module, 'bias', None)
 
 
 def run_op(site: Site, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

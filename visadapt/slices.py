@@ -24,7 +24,7 @@ from .adapter import Adapter
 from .config import matches
 from .site import Site
 
-__all__ = ['SLICE_NAMES', 'SlicedAdapter', 'normalize_slices', 'slices_for', 'build_sliced_adapter']
+__all__ = ['SLICE_NAMES', 'SlicedAdapter', 'leaf_adapters', 'normalize_slices', 'slices_for', 'build_sliced_adapter']
 
 SLICE_NAMES = ('q', 'k', 'v')
 
@@ -82,6 +82,11 @@ def build_sliced_adapter(config: Any, site: Site, weight: torch.Tensor, chosen: 
     return SlicedAdapter(config, site, weight, parts)
 
 
+def leaf_adapters(adapter: Adapter) -> List[Adapter]:
+    """The method's own adapters inside ``adapter``: its slice parts for a :class:`SlicedAdapter`, else itself."""
+    return adapter.part_adapters() if isinstance(adapter, SlicedAdapter) else [adapter]
+
+
 class SlicedAdapter(Adapter):
     """Adapters for some of the q/k/v slices of a fused (3d, in) weight; submodules named ``q``, ``k``, ``v``.
 
@@ -91,22 +96,33 @@ class SlicedAdapter(Adapter):
         weight: the fused frozen weight.
         parts: slice name → the adapter built on that slice.
     """
-    has_bypass = True
-    has_weight_path = True
-
     def __init__(self, config: Any, site: Site, weight: torch.Tensor, parts: Dict[str, Adapter]):
         super().__init__(config, site, weight)
         self.d = site.out_features // len(SLICE_NAMES)
         for name, part in parts.items():
             self.add_module(name, part)
         self.parts: List[str] = list(parts)
-        # instance flags: what every part offers (e.g. mpc='n' parts have no weight path and cannot be merged)
-        self.has_bypass = all(self._part(n).has_bypass for n in self.parts)
-        self.has_weight_path = all(self._part(n).has_weight_path for n in self.parts)
-        self.mergeable = all(self._part(n).mergeable for n in self.parts)
+
+    # what every part offers, read live (a part may lose its weight path after construction, e.g. mpc='n' or
+    # BitFit on a bias-free layer)
+    @property
+    def has_bypass(self) -> bool:
+        return all(self._part(n).has_bypass for n in getattr(self, 'parts', ()))
+
+    @property
+    def has_weight_path(self) -> bool:
+        return all(self._part(n).has_weight_path for n in getattr(self, 'parts', ()))
+
+    @property
+    def mergeable(self) -> bool:
+        return all(self._part(n).mergeable for n in getattr(self, 'parts', ()))
 
     def _part(self, name: str) -> Adapter:
         return self._modules[name]
+
+    def part_adapters(self) -> List[Adapter]:
+        """The per-slice adapters, in q, k, v order."""
+        return [self._part(n) for n in self.parts]
 
     def _pieces(self, tensor: torch.Tensor, dim: int = 0) -> List[torch.Tensor]:
         return list(tensor.split(self.d, dim=dim))

@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from ..adapter import Adapter
 from ..config import AdapterConfig, register
-from ..site import Site, output_positions
+from ..site import Site, base_bias, output_positions
+from ..slices import leaf_adapters
 from ._scaling import channel_view
 
 __all__ = ['BitFitConfig', 'BitFitAdapter']
@@ -53,11 +54,12 @@ class BitFitConfig(AdapterConfig):
     refusal_note = "they have no bias and bias_free='skip'; use bias_free='add' to give them a bias delta"
 
     def accepts(self, module: nn.Module) -> bool:
-        return self.bias_free == 'add' or getattr(module, 'bias', None) is not None
+        return self.bias_free == 'add' or base_bias(module) is not None
 
     def build_adapter(self, name: str, module: nn.Module):
         adapter = super().build_adapter(name, module)
-        adapter.set_has_bias(module.bias is not None)
+        for part in leaf_adapters(adapter):  # each q/k/v slice adapter when ``slices`` is set
+            part.set_has_bias(base_bias(module) is not None)
         return adapter
 
 
