@@ -93,6 +93,19 @@ def test_timm_conv2d_same_subclass_is_refused_and_nothing_is_converted():
     assert report.layers == ['stem', 'dw', 'pw']
 
 
+def test_conv_subclass_overriding_conv_forward_is_refused():
+    """A weight-standardized conv that only overrides _conv_forward would be silently wrong if adapted."""
+    class StdConv(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            w = (weight - weight.mean(dim=(1, 2, 3), keepdim=True)) / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+            return super()._conv_forward(x, w, bias)
+    model = small_cnn()
+    model.std = StdConv(16, 16, 3)
+    _expect_error(model, TypeError, r"cannot adapt layer 'std': unsupported layer type .*StdConv: it subclasses "
+                  r"nn\.Conv2d but overrides forward\(\) or _conv_forward\(\)", visadapt.inject, model,
+                  visadapt.FLoRAConfig(target_types=['Conv2d']))
+
+
 def test_target_type_not_supported_by_method():
     with pytest.raises(ValueError, match="target type 'BatchNorm2d' is not supported by FLoRA; supported: "):
         visadapt.FLoRAConfig(target_types=['BatchNorm2d'])
