@@ -4,7 +4,9 @@ Every variant adapts the same layers (every Conv2d of the UNet: conv_in/conv_out
 down/upsamplers) under the same trainable-parameter budget (the FLoRA adapter's count; the LoRA and Tucker-LoCon
 ranks are the largest that fit it):
 
-* ``flora``: visadapt FLoRA (r, r3), the core picks the weight or bypass path per layer;
+* ``flora``: visadapt FLoRA (r, r3), the core picks the weight or bypass path per layer. On the full UNet (51 convs)
+  the default r=32, r3=2 gives 3,056,150 parameters, so PEFT LoRA gets r=7 (2,674,840) and Tucker LoCon r=30
+  (3,031,440); r=8 would leave LoRA at r=1;
 * ``peft_lora``: PEFT ``LoraConfig`` on the same modules (conv LoRA: k×k down, 1×1 up);
 * ``lycoris_tucker_rebuild`` / ``lycoris_tucker_bypass``: LyCORIS LoCon with ``use_tucker=True`` (1×1 down, k×k
   mid, 1×1 up), rebuilding ΔW each step or running the bypass chain.
@@ -14,7 +16,7 @@ adapters are float32. One step = forward + MSE loss + backward + AdamW step on a
 128×128, 77 text tokens of width 2048), timed after warm-up with CUDA synchronisation.
 
     python tools/bench_sdxl_unet.py --config full --device cuda --batch_size 2 --steps 10   # GPU, full size
-    python tools/bench_sdxl_unet.py --config tiny --device cpu --steps 2                     # CPU smoke test
+    python tools/bench_sdxl_unet.py --config tiny --device cpu --dtype float32 --rank 8 --steps 3  # CPU smoke
 
 ``--config tiny`` is the tiny SDXL-architecture UNet of tools/make_tiny_sdxl.py at 64×64 pixels; on a CPU the peak
 memory column is not measured (n/a).
@@ -166,7 +168,7 @@ def main() -> None:
     parser.add_argument('--batch_size', type=int, default=1)
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=3)
-    parser.add_argument('--rank', type=int, default=8, help='FLoRA channel rank r (sets the shared budget)')
+    parser.add_argument('--rank', type=int, default=32, help='FLoRA channel rank r (sets the shared budget)')
     parser.add_argument('--r3', type=int, default=2, help='FLoRA kernel rank')
     parser.add_argument('--gradient_checkpointing', action='store_true')
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS)

@@ -105,10 +105,9 @@ def count_adapter_params(model: nn.Module, config: AdapterConfig) -> int:
     """Trainable adapter parameters ``config`` would add to ``model``, counted without allocating (meta tensors)."""
     total = 0
     for name, module in select_targets(model, config):
-        site = site_from_module(module)
+        site, layer_config = site_from_module(module), config.for_layer(name)
         with torch.device('meta'):
-            adapter = config.for_layer(name).adapter_cls(config.for_layer(name), site,
-                                                          torch.empty(site.weight_shape))
+            adapter = layer_config.adapter_cls(layer_config, site, torch.empty(site.weight_shape))
         total += adapter.num_trainable()
     return total
 
@@ -409,7 +408,9 @@ def _adapted_layers(components: Dict[str, nn.Module], names: Optional[Iterable[s
                 found = True
                 yield component, layer_name, module, adapters
     if not found:
-        raise ValueError(f'no adapter {sorted(wanted) if wanted else ""} found in components {sorted(components)}')
+        what = f'named {sorted(wanted)}' if wanted else 'at all'
+        raise ValueError(f'no visadapt adapter {what} in the components {sorted(components)}; adapters present: '
+                         f'{ {c: adapter_names(m) for c, m in components.items()} }')
 
 
 # ---- kohya / LyCORIS ----------------------------------------------------------------------------------------------
