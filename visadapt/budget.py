@@ -156,7 +156,7 @@ class BudgetMatch:
 
 
 def match_budget(model: nn.Module, config: AdapterConfig, target: int, *, field: Optional[str] = None,
-                 values: Optional[Iterable[int]] = None, max_value: int = 4096, count: str = 'adapter',
+                 values: Optional[Iterable[int]] = None, max_value: int = 65536, count: str = 'adapter',
                  counter: Optional[BudgetCounter] = None) -> BudgetMatch:
     """Choose ``config``'s rank so its trainable count on ``model`` is as close as possible to ``target``.
 
@@ -167,7 +167,9 @@ def match_budget(model: nn.Module, config: AdapterConfig, target: int, *, field:
         field: the knob to tune (default: :func:`budget_field`).
         values: explicit candidate values (all evaluated); default: a doubling-then-bisection search over
             1..``max_value``.
-        max_value: the largest knob value the search tries.
+        max_value: the largest knob value the search tries. Large values cost nothing to count (meta tensors), but
+            a method whose count grows slowly with its rank (VeRA: r + d_out per layer) may need a rank whose
+            frozen shared matrices are large; :attr:`BudgetMatch.value` says what was chosen.
         count: ``'adapter'`` or ``'trainable'`` (see :class:`BudgetCounter`).
         counter: a :class:`BudgetCounter` to reuse across calls on the same model (shares its cache).
     Returns:
