@@ -157,7 +157,13 @@ class AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f'unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}')
+            hint = ''
+            if any(k.startswith('mpc') for k in unknown):  # MPC asked of a method without down/up factors A, B
+                with_mpc = sorted(c.method for c in METHODS.values()
+                                  if 'mpc' in {f.name for f in dataclasses.fields(c)})
+                hint = (f' ({cls.method} has no down/up factors A, B for the MPC regularizers; methods with MPC: '
+                        f'{with_mpc})')
+            raise ValueError(f'unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}{hint}')
         return cls(**data)
 
 
