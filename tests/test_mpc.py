@@ -159,7 +159,7 @@ def test_mpc_n_forward_is_b_sigma_a_x_and_cannot_merge(make, tmp_path):
 def test_bad_input():
     # a method without A/B factors has no MPC fields: a clear error at config time, by keyword or from a dict
     for method in ('IA3', 'VeRA', 'SSB', 'BitFit'):
-        with pytest.raises(ValueError, match=r"unknown .*Config field\(s\) \['mpc'\]"):
+        with pytest.raises(ValueError, match=r"unknown .*Config field\(s\) \['mpc'\].*has no down/up factors A, B"):
             visadapt.config_from_dict({'method': method, 'mpc': 'o'})
     with pytest.raises(TypeError, match="unexpected keyword argument 'mpc'"):
         visadapt.IA3Config(mpc='o')
