@@ -160,11 +160,11 @@ def collate(examples: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 # ---- model pieces -------------------------------------------------------------------------------------------------
-def encode_prompt(text_encoders, input_ids: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def encode_prompt(text_encoders, input_ids: List[torch.Tensor], device) -> Tuple[torch.Tensor, torch.Tensor]:
     """SDXL conditioning: both encoders' penultimate hidden states concatenated, and encoder 2's pooled output."""
     embeds, pooled = [], None
-    for encoder, ids in zip(text_encoders, input_ids):
-        out = encoder(ids.to(encoder.device), output_hidden_states=True, return_dict=True)
+    for encoder, ids in zip(text_encoders, input_ids):  # (encoders may be DDP-wrapped: no .device)
+        out = encoder(ids.to(device), output_hidden_states=True, return_dict=True)
         pooled = out[0]  # the last encoder's (projected) pooled output
         embeds.append(out.hidden_states[-2])
     return torch.cat(embeds, dim=-1), pooled
@@ -188,7 +188,8 @@ def diffusion_loss(batch, unet, vae, text_encoders, scheduler, resolution: int, 
                       device=latents.device).long()
     noisy = scheduler.add_noise(latents, noise, t)
     with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
-        prompt_embeds, pooled = encode_prompt(text_encoders, [batch['input_ids_one'], batch['input_ids_two']])
+        prompt_embeds, pooled = encode_prompt(text_encoders, [batch['input_ids_one'], batch['input_ids_two']],
+                                        device)
     cond = {'time_ids': add_time_ids(batch, resolution, device, weight_dtype), 'text_embeds': pooled}
     pred = unet(noisy, t, prompt_embeds, added_cond_kwargs=cond, return_dict=False)[0]
     if scheduler.config.prediction_type == 'epsilon':
@@ -261,7 +262,7 @@ def validate(args, accelerator, components, weight_dtype, step: int) -> List[str
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -269,7 +270,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision,
-                              project_config=ProjectConfiguration(project_dir=args.output_dir))
+                              project_config=ProjectConfiguration(project_dir=args.output_dir),
+                              # text encoder 1 feeds its penultimate layer: its last layer's adapters get no gradient
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=args.train_text_encoder)])
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s', level=logging.INFO)
     if args.seed is not None:
         set_seed(args.seed)
