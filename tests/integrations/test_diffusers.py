@@ -103,10 +103,11 @@ def test_training_lowers_the_loss_and_writes_outputs(trained):
     with open(os.path.join(out, 'adapter', 'visadapt_pipeline.json')) as f:
         assert sorted(map(tuple, json.load(f)['adapters'])) == [
             ('text_encoder', 'attn'), ('text_encoder_2', 'attn'), ('unet', 'attn'), ('unet', 'conv')]
+    import numpy as np
     from PIL import Image
-    before = torch.tensor(list(Image.open(os.path.join(out, 'validation/step-000000-0.png')).getdata()))
-    after = torch.tensor(list(Image.open(os.path.join(out, 'validation/step-000020-0.png')).getdata()))
-    assert not torch.equal(before, after)  # same seed, so only the adapters changed the image
+    before = np.asarray(Image.open(os.path.join(out, 'validation/step-000000-0.png')))
+    after = np.asarray(Image.open(os.path.join(out, 'validation/step-000020-0.png')))
+    assert before.shape == after.shape == (32, 32, 3) and (before != after).any()  # same seed, so only the adapters changed the image
 
 
 def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny_sdxl, clipart, tmp_path):
@@ -127,7 +128,7 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny_sdxl
         _, a = read_adapter(os.path.join(out, 'adapter', component, name))
         _, b = read_adapter(os.path.join(resumed, 'adapter', component, name))
         for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f'{component}/{name} {key}')
+            assert torch.equal(b[key], a[key]), f'{component}/{name} {key}'  # RNG, optimizer and data order restored
 
 
 # ---- our format and the pipeline -----------------------------------------------------------------------------------
