@@ -191,7 +191,8 @@ class RegularizerHandle:
 def attach_regularizer(model: nn.Module) -> RegularizerHandle:
     """Apply the MPC o/d regularizers with no change to the training loop.
 
-    Registers ``register_post_accumulate_grad_hook`` on every parameter of every adapter with ``mpc='o'``/``'d'``.
+    Registers ``register_post_accumulate_grad_hook`` on every trainable parameter that the A/B factors of an adapter
+    with ``mpc='o'``/``'d'`` are made of.
     After backward has accumulated a parameter's task gradient, its hook adds d/dθ of that adapter's term of
     :func:`regularization_loss` (recomputed from the current factors) to ``θ.grad``. So each ``loss.backward()``
     gives the gradients of ``loss + regularization_loss(model)``, and optimizers, AMP grad scalers (unscaled: call
@@ -220,8 +221,11 @@ def attach_regularizer(model: nn.Module) -> RegularizerHandle:
     for adapters in layers.values():
         for adapter in adapters:
             coef = adapter.config.mpc_weight / len(adapters)
-            for param in adapter.parameters():
-                if param.requires_grad:
+            params = [p for p in adapter.parameters() if p.requires_grad]
+            with torch.enable_grad():  # hook only the parameters the factors are made of (not DoRA's m, MoSLoRA's M)
+                used = torch.autograd.grad(_adapter_term(adapter, coef), params, allow_unused=True)
+            for param, grad in zip(params, used):
+                if grad is not None:
                     handles.append(param.register_post_accumulate_grad_hook(_make_hook(adapter, coef)))
     handle = RegularizerHandle(model, handles, len(handles))
     model.__dict__[_HOOKS_ATTR] = handle
