@@ -9,8 +9,8 @@ scaling of W's rows, i.e. of the layer's output channels. (That paper writes W �
 * Trainable parameters per layer: out (Linear out_features, ConvNd out_channels).
 * Mergeable: merge writes diag(l) W, unmerge divides l out again.
 * Two paths: the weight path runs one op with diag(l) W; the bypass rescales the frozen output,
-  out + (l − 1) ⊙ (out − b), which costs 2·out per output position and needs no weight gradient, so training
-  normally picks it.
+  out + (l − 1) ⊙ (out − b), which costs 2·out per output position and needs no weight gradient, so the core's
+  cost model usually picks it for training.
 """
 from __future__ import annotations
 
