@@ -26,7 +26,8 @@ import torch.nn as nn
 from ..adapter import Adapter
 from ..site import Site, output_positions
 
-__all__ = ['ScalingAdapter', 'in_channels', 'in_scale_matrix', 'channel_view', 'scaled_weight', 'unscaled_weight', 'scale_output']
+__all__ = ['ScalingAdapter', 'in_channels', 'in_scale_matrix', 'channel_view', 'scaled_weight', 'unscaled_weight',
+           'scale_output']
 
 
 def in_channels(site: Site) -> int:

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..config import register
 from ..site import Site
-from .lora import LoRAAdapter, LoRAConfig, lora_delta_weight
+from .lora import LoRAAdapter, LoRAConfig
 
 __all__ = ['DoRAConfig', 'DoRAAdapter', 'channel_norm', 'dora_weight']
 
