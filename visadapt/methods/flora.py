@@ -75,7 +75,9 @@ def flora_num_params(weight_shape: Sequence[int], r: int, r3: int) -> int:
 
 def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
     """Mode-n product ``tensor ×_mode matrix`` with ``matrix`` of shape (I_n, J_n): mode ``mode`` goes J_n → I_n."""
-    return torch.tensordot(matrix, tensor, dims=([1], [mode])).movedim(0, mode)
+    # under autocast the previous product comes back in bf16/fp16 while the factors stay fp32, and tensordot checks
+    # dtypes before autocast can cast them: follow the running tensor's dtype (a no-op without autocast)
+    return torch.tensordot(matrix.to(tensor.dtype), tensor, dims=([1], [mode])).movedim(0, mode)
 
 
 def tucker_weight(core: torch.Tensor, factors: Sequence[torch.Tensor], modes: Optional[Sequence[int]] = None
