@@ -422,3 +422,23 @@ def test_isinstance_and_base_attributes_kept():
     assert isinstance(model.pw, nn.Conv2d) and isinstance(model.fc, nn.Linear)
     assert model.pw.weight.shape == (32, 16, 1, 1) and model.pw.kernel_size == (1, 1)
     assert 'Adapted' in type(model.pw).__name__
+
+
+def test_torch_compile_traces_an_injected_model_without_graph_breaks():
+    """Class-swapped layers, the per-shape path choice and both paths trace as one graph (timm's --torchcompile)."""
+    model = small_cnn()
+    visadapt.inject(model, visadapt.FLoRAConfig(r=2))
+    randomize_adapters(model)
+    ref = model(X)
+    compiled = torch.compile(model, backend='eager', fullgraph=True)
+    out = compiled(X)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in adapter_params(model).values())
+    torch._dynamo.reset()
+
+
+def test_adapters_are_built_on_the_base_weight_device():
+    model = small_cnn().to('meta')
+    visadapt.inject(model, visadapt.LoRAConfig(r=2))
+    assert {p.device.type for p in adapter_params(model).values()} == {'meta'}
