@@ -324,3 +324,19 @@ def test_fit_rank_meets_the_budget(tiny_sdxl):
     assert report.adapter_params == budget  # the meta-device count equals the real one
     with pytest.raises(ValueError, match='too small'):
         vd.fit_rank(unet, flora, 10)
+
+
+def test_bf16_frozen_weights_fp32_adapters_under_autocast(tiny_sdxl):
+    """The mixed-precision setting of the training tool: bf16 UNet, fp32 FLoRA/SeRA adapters, autocast forward."""
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder='unet').to(torch.bfloat16)
+    visadapt.inject(unet, vd.target_config(unet, 'conv', 'FLoRA', r=4, forward_path='weight'), name='conv')
+    visadapt.inject(unet, vd.target_config(unet, 'attention', 'SeRA', r=4), name='attn')
+    inputs = _unet_inputs()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = unet(**inputs).sample.float().pow(2).mean()
+    loss.backward()
+    trainable = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for _, p in trainable)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
+    assert all(p.dtype == torch.bfloat16 for n, p in unet.named_parameters() if not p.requires_grad)
