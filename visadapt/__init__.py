@@ -20,7 +20,7 @@ from .methods import FLoRAConfig, LoRAConfig  # noqa: E402
 from .methods import (DoRAConfig, VeRAConfig, IA3Config, SSLConfig, SSBConfig, BitFitConfig, MELoRAConfig,  # noqa: E402
                       MoSLoRAConfig, FullFinetuneConfig, HeadOnlyConfig, SeRAConfig, SVFTConfig)
 from .mpc import regularization_loss  # noqa: E402
-from . import mpc  # noqa: E402
+from . import analysis, mpc  # noqa: E402
 
 __all__ = ['inject', 'merge', 'unmerge', 'remove', 'enable_adapter', 'disable_adapter', 'adapters_disabled',
            'summary', 'save_adapter', 'load_adapter', 'adapter_state_dict', 'load_adapter_state_dict',
@@ -28,4 +28,4 @@ __all__ = ['inject', 'merge', 'unmerge', 'remove', 'enable_adapter', 'disable_ad
            'register', 'get_config_class', 'config_from_dict', 'FLoRAConfig', 'LoRAConfig',
            'DoRAConfig', 'VeRAConfig', 'IA3Config', 'SSLConfig', 'SSBConfig', 'BitFitConfig', 'MELoRAConfig',
            'MoSLoRAConfig', 'FullFinetuneConfig', 'HeadOnlyConfig', 'SeRAConfig', 'SVFTConfig', 'regularization_loss',
-           'mpc']
+           'mpc', 'analysis']
