@@ -61,11 +61,13 @@ CHECKPOINT_NAME = 'checkpoint_last.pt'
 DATA_CACHE: Dict[Tuple[Any, ...], 'ImageData'] = {}
 
 #: ``--preset`` bundles. ``demo`` is the README's main job: pretrained EfficientNet-Lite0 + FLoRA on all its convs on
-#: a Fashion-MNIST subset, on CPU in a few minutes.
+#: a Fashion-MNIST subset, on CPU in a few minutes. One intra-op thread: these small convs gain little from a second
+#: thread, and on a shared or busy 2-core machine a second thread mostly spins (measured: 2.3 s/step with one thread
+#: against over 5 s/step with two on this machine under load).
 PRESETS: Dict[str, Dict[str, Any]] = {
     'demo': dict(model='efficientnet_lite0', pretrained='packaged', data='fashion-mnist', method='FLoRA', rank=8,
-                 method_args='{"r3": 2, "scale": 1.0}', image_size=64, train_size=2000, eval_size=2000, epochs=2,
-                 batch_size=32, lr=2e-3, output_dir='runs/demo'),
+                 method_args='{"r3": 2, "scale": 1.0}', image_size=64, train_size=2000, eval_size=1000, epochs=2,
+                 batch_size=32, lr=2e-3, threads=1, output_dir='runs/demo'),
 }
 
 
