@@ -90,7 +90,9 @@ def melora_bypass(site: Site, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         z = z if act is None else act(z)
         return scale * torch.einsum('...nr,nor->...no', z, B[0]).flatten(-2)
     g = site.groups
-    kernel = A.reshape(n * r, *A.shape[2:]).repeat(g, *([1] * (A.dim() - 2)))  # (g·n·r, in/(g·n), *k)
+    kernel = A.reshape(n * r, *A.shape[2:])                                     # (n·r, in/(g·n), *k)
+    if g > 1:  # shared by the layer's groups: (g·n·r, in/(g·n), *k)
+        kernel = kernel.repeat(g, *([1] * (A.dim() - 2)))
     z = run_op(site, x, kernel, groups=g * n)
     z = z if act is None else act(z)
     return scale * pointwise(site, z, B.reshape(-1, r), groups=g * n)
