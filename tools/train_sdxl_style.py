@@ -80,8 +80,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--conv_method', default='FLoRA', help='method on the UNet convs, or "none"')
     p.add_argument('--conv_rank', type=int, default=8)
     p.add_argument('--conv_budget', type=int, default=None, help='trainable-parameter budget: sets the conv rank')
-    p.add_argument('--conv_options', type=json.loads, default={'r3': 2, 'scale': 1.0},
-                   help='JSON of other config fields of the conv method (default: {"r3": 2, "scale": 1.0})')
+    p.add_argument('--conv_options', type=json.loads, default=None,
+                   help='JSON of other config fields of the conv method (default for FLoRA: {"r3": 2, "scale": 1.0})')
     p.add_argument('--attn_method', default='LoRA', help='method on to_q/to_k/to_v/to_out.0, or "none"')
     p.add_argument('--attn_rank', type=int, default=4)
     p.add_argument('--attn_budget', type=int, default=None, help='trainable-parameter budget: sets the attn rank')
@@ -204,7 +204,10 @@ def diffusion_loss(batch, unet, vae, text_encoders, scheduler, resolution: int, 
 def inject_adapters(args, unet, text_encoders) -> List[visadapt.InjectReport]:
     """The ``conv`` and ``attn`` adapters (rank from --*_rank, or from --*_budget)."""
     reports = []
-    plan = [('conv', args.conv_method, args.conv_rank, args.conv_budget, args.conv_options, [(unet, 'conv')]),
+    conv_options = args.conv_options
+    if conv_options is None:
+        conv_options = {'r3': 2, 'scale': 1.0} if args.conv_method.lower() == 'flora' else {}
+    plan = [('conv', args.conv_method, args.conv_rank, args.conv_budget, conv_options, [(unet, 'conv')]),
             ('attn', args.attn_method, args.attn_rank, args.attn_budget, args.attn_options,
              [(unet, 'attention')] + ([(te, 'text_attention') for te in text_encoders]
                                       if args.train_text_encoder else []))]
@@ -261,6 +264,7 @@ def validate(args, accelerator, components, weight_dtype, step: int) -> List[str
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    vd.has_diffusers(necessary=True)
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -31,6 +31,7 @@ are plain tensors.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -98,7 +99,12 @@ def target_config(model: nn.Module, preset: str, method: str = 'FLoRA', **fields
     if not include:
         raise ValueError(f'preset {preset!r} matches no {layer_type} of this {type(model).__name__}; '
                          f'its patterns are {list(patterns)}')
-    return get_config_class(method)(target_types=[layer_type], include=include, **fields)
+    cls = get_config_class(method)
+    valid = {f.name for f in dataclasses.fields(cls)} - {'target_types', 'include'}
+    unknown = sorted(set(fields) - valid)
+    if unknown:
+        raise ValueError(f'{cls.method} has no config field(s) {unknown}; valid fields: {sorted(valid)}')
+    return cls(target_types=[layer_type], include=include, **fields)
 
 
 def count_adapter_params(model: nn.Module, config: AdapterConfig) -> int:
@@ -118,7 +124,6 @@ def fit_rank(model: nn.Module, config: AdapterConfig, budget: int, max_rank: int
     The count grows with r, so this is a bisection over r ∈ [1, max_rank]; ``rank_pattern`` entries are dropped (the
     budget fixes one rank for all layers). Raises ValueError if even r = 1 exceeds the budget.
     """
-    import dataclasses
     if not any(f.name == 'r' for f in dataclasses.fields(config)):
         raise ValueError(f'{config.method} has no rank r, so a parameter budget cannot set it')
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
