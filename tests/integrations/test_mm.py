@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 
@@ -109,7 +110,8 @@ def test_backbone_is_registered_in_mmdet_and_mmseg():
 class _Detector(nn.Module):
     def __init__(self):
         super().__init__()
-        self.backbone = vm.TimmBackbone('convnextv2_atto', out_indices=(2, 3))
+        # conv_mlp=False: the pointwise layers are nn.Linear, so methods for Linear only (SeRA) find layers too
+        self.backbone = vm.TimmBackbone('convnextv2_atto', out_indices=(2, 3), conv_mlp=False)
         self.neck = nn.Conv2d(320, 8, 1)
         self.head = nn.Linear(8, 2)
 
@@ -266,7 +268,10 @@ custom_hooks = [dict(type='RankDumpHook')]
 """)
     env = dict(os.environ, OMP_NUM_THREADS='1',
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), ROOT, os.environ.get('PYTHONPATH', '')]))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533',
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port),
            os.path.join(ROOT, 'tools', 'mm_train.py'), str(config), '--launcher', 'pytorch', '--work-dir', work_dir]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
