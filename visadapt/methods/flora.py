@@ -104,9 +104,12 @@ def flora_bypass(site: Site, x: torch.Tensor, core: torch.Tensor, factors: Seque
         z = pointwise(site, z, core)                        # (..., r_out)
         return scale * pointwise(site, z, factors[0])      # (..., out)
     g = site.groups
-    z = pointwise(site, x, factors[1].t().repeat(g, 1), groups=g)       # (N, g·r_in, *S): per-group projection
+    down = factors[1].t()                                               # (r_in, in/g), shared by the groups
+    z = pointwise(site, x, down if g == 1 else down.repeat(g, 1), groups=g)  # (N, g·r_in, *S): per-group projection
     kernel = tucker_weight(core, factors, modes=range(2, core.dim()))   # (r_out, r_in, *k)
-    z = run_op(site, z, kernel.repeat(g, *([1] * (kernel.dim() - 1))), groups=g)  # layer geometry, g·r_out ch.
+    if g > 1:  # (a repeat with g == 1 would only copy the kernel and add an autograd node)
+        kernel = kernel.repeat(g, *([1] * (kernel.dim() - 1)))
+    z = run_op(site, z, kernel, groups=g)                               # layer geometry, g·r_out channels
     return scale * pointwise(site, z, factors[0], groups=g)             # (N, out, *S')
 
 

@@ -87,7 +87,7 @@ def lora_bypass(site: Site, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
         z = pointwise(site, x, A)
         return scale * pointwise(site, z if act is None else act(z), B)
     g = site.groups
-    z = run_op(site, x, A.repeat(g, *([1] * (A.dim() - 1))), groups=g)
+    z = run_op(site, x, A if g == 1 else A.repeat(g, *([1] * (A.dim() - 1))), groups=g)
     return scale * pointwise(site, z if act is None else act(z), B, groups=g)
 
 

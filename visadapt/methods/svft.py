@@ -203,7 +203,7 @@ def svft_apply_m(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, d
     dim = dim % z.dim()
     shape = [1] * z.dim()
     shape[dim] = -1
-    picked = z.index_select(dim, indices[1]) * values.view(shape)
+    picked = z.index_select(dim, indices[1]) * values.view(shape).to(z.dtype)  # z is bf16/fp16 under autocast
     return torch.zeros_like(z).index_add(dim, indices[0], picked)
 
 
@@ -277,7 +277,9 @@ class SVFTAdapter(Adapter):
             return out + z @ U.t()
         g = site.groups
         kernel = V.t().reshape(self.p, *site.weight_shape[1:])                            # Vᵀ as p filters
-        z = run_op(site, x, kernel.repeat(g, *([1] * (kernel.dim() - 1))), groups=g)      # (N, g·p, *S')
+        if g > 1:  # shared by the groups (with g == 1 a repeat would only copy)
+            kernel = kernel.repeat(g, *([1] * (kernel.dim() - 1)))
+        z = run_op(site, x, kernel, groups=g)                                             # (N, g·p, *S')
         z = svft_apply_m(z.unflatten(1, (g, self.p)), values, self.indices, dim=2).flatten(1, 2)
         return out + pointwise(site, z, U, groups=g)                                      # (N, out, *S')
 
