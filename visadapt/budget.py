@@ -2,8 +2,8 @@
 
 The papers compare methods "at an equal budget" by tuning ranks by hand; here it is one call::
 
-    match = visadapt.budget.match_budget(model, visadapt.LoRAConfig(target_types=['Conv2d']), target=100_000)
-    print(match)                 # LoRA r=7: 98,112 trainable adapter parameters (target 100,000, -1.9%)
+    match = visadapt.budget.match_budget(model, visadapt.DoRAConfig(target_types=['Conv2d']), target=250_000)
+    print(match)     # timm efficientnet_lite0: DoRA r=7: 245,645 trainable parameters (target 250,000, -1.7%)
     visadapt.inject(model, match.config)
 
 Counts come from dry runs: the method's adapters are injected into a copy of the model whose tensors live on
