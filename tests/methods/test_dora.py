@@ -86,3 +86,19 @@ def test_bad_input():
     visadapt.inject(model, visadapt.DoRAConfig(r=2, include=['layer']))
     with pytest.raises(ValueError, match='needs the norms recorded'):
         model.layer.visadapt['default'].restored_weight(model.layer.weight.detach())
+
+
+def test_torch_compile_traces_dora_in_one_graph():
+    """DoRA records its merge norms in the forward; that must not break a fullgraph trace."""
+    torch.manual_seed(0)
+    model = TinyNet(nn.Conv2d(8, 12, 3, padding=1, groups=2))
+    visadapt.inject(model, visadapt.DoRAConfig(r=2, include=['layer'], train_modules=['head']))
+    randomize_adapters(model)
+    x = torch.randn(2, 8, 6, 6)
+    ref = model(x)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend='eager', fullgraph=True)(x)
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    assert model.layer.visadapt['default'].m.grad is not None
+    torch._dynamo.reset()
