@@ -195,8 +195,8 @@ def attach_regularizer(model: nn.Module) -> RegularizerHandle:
     with ``mpc='o'``/``'d'`` are made of.
     After backward has accumulated a parameter's task gradient, its hook adds d/dθ of that adapter's term of
     :func:`regularization_loss` (recomputed from the current factors) to ``θ.grad``. So each ``loss.backward()``
-    gives the gradients of ``loss + regularization_loss(model)``, and optimizers, AMP grad scalers (unscaled: call
-    it after ``scaler.unscale_`` only if you add the term by hand instead), mmengine and diffusers loops need no change.
+    gives the gradients of ``loss + regularization_loss(model)``, and plain PyTorch, timm, mmengine and diffusers
+    training loops need no change (see the note on AMP below).
 
     Notes:
         * Call it after the adapters exist (after ``inject``/``load_adapter``); adapters injected later are not
