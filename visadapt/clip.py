@@ -436,15 +436,16 @@ def evaluate_retrieval(model: nn.Module, images: torch.Tensor, tokens: torch.Ten
     """R@K both ways and their sum (see :func:`visadapt.retrieval.retrieval_recall`) with cosine similarity.
 
     Args:
-        model: an open_clip model; evaluated in eval mode (its mode is restored afterwards).
+        model: an open_clip model; evaluated in eval mode (every module's mode is restored afterwards).
         images: Tensor[N_img, 3, H, W] preprocessed images.
         tokens: Tensor[N_txt, L] tokenized captions.
         text_image: Tensor[N_txt] index of each caption's image.
     """
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]   # restored per module (frozen BatchNorms stay in eval)
     model.eval()
     try:
         similarity = embed_images(model, images, batch_size) @ embed_texts(model, tokens, 4 * batch_size).t()
     finally:
-        model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
     return retrieval_recall(similarity, text_image, ks=ks, ties=ties)
