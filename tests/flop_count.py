@@ -26,3 +26,28 @@ def measured_flops(fn: Callable[[], None]) -> int:
     with FlopCounterMode(display=False, custom_mapping={aten.convolution_backward: _conv_backward_flop}) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def layer_flops(layer: torch.nn.Module, x_shape, training: bool, config=None) -> int:
+    """FLOPs of one forward (and, when ``training``, backward with an input that needs a gradient) of ``layer``.
+
+    With ``config`` the layer is adapted first (adapter tensors perturbed to non-zero values); without it the layer
+    runs frozen, which is the work every path shares.
+    """
+    import visadapt
+    from visadapt_testing import randomize_adapters
+    model = torch.nn.Sequential(layer)
+    if config is None:
+        model.requires_grad_(False)
+    else:
+        visadapt.inject(model, config)
+        randomize_adapters(model)
+    x = torch.randn(x_shape, requires_grad=training)
+
+    def run():
+        if training:
+            model(x).sum().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return measured_flops(run)

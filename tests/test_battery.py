@@ -400,6 +400,33 @@ def test_low_precision_base(method, variant, case, dtype):
 
 
 @battery
+def test_autocast_bf16_on_fp32_base(method, variant, case):
+    """Mixed precision as timm's --amp runs it on CPU: fp32 base and adapter, ops autocast to bf16."""
+    x = make_input(case)
+    state = None
+    for path in available_paths(method, variant, case):
+        model = build(case)
+        inject(model, method, variant, forward_path=path)
+        if state is None:
+            randomize_adapters(model)
+            state = visadapt.adapter_state_dict(model)
+            with torch.no_grad():
+                ref = model.layer(x)
+        else:
+            visadapt.load_adapter_state_dict(model, state)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model.layer(x)
+            loss = model(x).float().square().mean()
+        loss.backward()
+        assert torch.isfinite(out).all()
+        err = (out.float() - ref).norm() / ref.norm()
+        assert err < 3e-2, f'path={path}: relative error {err:.3g} vs fp32'
+        for n, p in adapter_params(model).items():
+            if p.requires_grad:
+                assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+
+
+@battery
 def test_state_dict_keys(method, variant, case):
     model = build(case)
     x = make_input(case)

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 import visadapt
 from visadapt.methods.lora import LoRAConfig, lora_bypass, lora_delta_weight, lora_shapes
 from visadapt.site import site_from_module
-from flop_count import measured_flops
-from visadapt_testing import randomize_adapters
+from flop_count import layer_flops
 
 
 def _layer_adapter(layer: nn.Module, **cfg):
@@ -165,21 +164,13 @@ PATH_CASES = [
                          ids=[c[0] for c in PATH_CASES])
 def test_auto_path_picks_measured_cheaper_path(factory, x_shape, training, expected):
     def flops(path):
-        torch.manual_seed(0)
-        model = nn.Sequential(factory())
-        visadapt.inject(model, LoRAConfig(r=8, forward_path=path))
-        randomize_adapters(model)
-        x = torch.randn(x_shape, requires_grad=training)
-
-        def run():
-            if training:
-                model(x).sum().backward()
-            else:
-                with torch.no_grad():
-                    model(x)
-        return measured_flops(run)
+        torch.random.default_generator.manual_seed(0)
+        return layer_flops(factory(), x_shape, training, LoRAConfig(r=8, forward_path=path))
     measured = {p: flops(p) for p in ('weight', 'bypass')}
     assert min(measured, key=measured.get) == expected, measured
+    shared = layer_flops(factory(), x_shape, training)  # the frozen layer's own work, paid by both paths
+    extra = {p: f - shared for p, f in measured.items()}
+    assert max(extra.values()) >= 1.5 * min(extra.values()), f'not a clear case: extra FLOPs {extra}'
     assert flops('auto') == measured[expected]
 
 
