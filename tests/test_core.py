@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import visadapt
 from visadapt.tuner import get_injection
-from visadapt_testing import SmallCNN, adapter_params, assert_unchanged, method_config, randomize_adapters, \
+from visadapt_testing import adapter_params, assert_unchanged, method_config, randomize_adapters, \
     small_cnn, state_snapshot
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
