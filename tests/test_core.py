@@ -344,6 +344,23 @@ def test_remove_all_at_once_restores_everything():
     assert_unchanged(model, before)
 
 
+def test_merge_refuses_tied_weights_but_not_a_module_registered_twice():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight  # tied
+    visadapt.inject(model, visadapt.LoRAConfig(r=2))
+    randomize_adapters(model)
+    _expect_error(model, ValueError, r"layer '0' shares its weight with \['2'\] \(tied weights\)", visadapt.merge, model)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)  # one module used twice: merging it once is right
+    visadapt.inject(model, visadapt.LoRAConfig(r=2))
+    randomize_adapters(model)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        adapted = model(x)
+        visadapt.merge(model)
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-6)
+
+
 # ---- summary ---------------------------------------------------------------------------------------------------------
 def test_summary_rows_and_table():
     model = small_cnn()

@@ -234,11 +234,20 @@ def _layers_for(model: nn.Module, name: Optional[str]) -> List[Tuple[str, nn.Mod
 def merge(model: nn.Module, name: Optional[str] = None) -> None:
     """Fold adapter ``name`` (default: all enabled ones) into the base weights; forward then costs exactly the base."""
     layers = _layers_for(model, name)
+    owners: Dict[int, List[str]] = {}  # parameter → the modules holding it (tied weights have several)
+    for mod_name, mod in _base_named_modules(model):
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(mod_name)
     for layer_name, module, names in layers:  # validate everything first
         for n in names:
             if not module.visadapt[n].mergeable:
                 raise ValueError(f'adapter {n!r} on layer {layer_name!r} cannot be merged '
                                  f'({type(module.visadapt[n]).__name__}: {module.visadapt[n].why_not_mergeable()})')
+        weight = module._parameters.get('weight')
+        tied = [o for o in owners.get(id(weight), []) if o != layer_name] if weight is not None else []
+        if tied and any(n not in module._va_merged and n not in module._va_disabled for n in names):
+            raise ValueError(f'layer {layer_name!r} shares its weight with {tied} (tied weights): merging adapter(s) '
+                             f'{names} into it would change those modules too; keep the adapter unmerged')
     for _, module, names in layers:
         for n in names:
             if n not in module._va_merged and n not in module._va_disabled:
