@@ -54,6 +54,7 @@ dataset = dict(type='BaseSegDataset', data_root=data_root, metainfo=metainfo, im
 train_dataloader = dict(
     batch_size=2,
     num_workers=0,
+    drop_last=True,  # a batch of one would reach the 1x1 pyramid-pooling BatchNorm with a single value
     sampler=dict(type='DefaultSampler', shuffle=True),
     dataset=dict(**dataset, data_prefix=dict(img_path='images/train', seg_map_path='seg_maps/train'),
                  pipeline=train_pipeline))
