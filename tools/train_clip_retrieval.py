@@ -36,6 +36,7 @@ import argparse  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Dict, List, Optional, Sequence, Tuple  # noqa: E402
@@ -264,8 +265,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     for name in configs:
         visadapt.save_adapter(model, os.path.join(args.output_dir, 'adapters', name), name=name)
-    result = {'command': 'python ' + ' '.join([os.path.relpath(__file__)] + list(sys.argv[1:] if argv is None
-                                                                                   else argv)),
+    command = [os.path.relpath(__file__)] + list(sys.argv[1:] if argv is None else argv)
+    result = {'command': 'python ' + shlex.join(command),
               'model': bundle.name, 'adapters': config_dicts, 'trainable_parameters': trainable,
               'total_parameters': total, 'loss': args.loss, 'margin': args.margin, 'epochs': args.epochs,
               'train_images': len(train_items), 'val_images': len(val_items), 'val_captions': len(val_captions),
