@@ -1,4 +1,4 @@
-"""Make a small, real image–caption retrieval set from the Debian ``openclipart-png`` package (public-domain clip art).
+"""Make a small, real image–caption retrieval set from Debian's ``openclipart-png`` package (public-domain clip art).
 
 Every image gets up to three captions, all from the artist's own metadata: Inkscape wrote the SVG's title and
 description into each PNG's ``tEXt`` chunks (``Title``, ``Description``). Titles shared by many files (a set's name,
@@ -68,7 +68,8 @@ def read_metadata(path: str) -> Optional[Dict[str, str]]:
             info = dict(image.info)
     except (OSError, Image.DecompressionBombError):
         return None
-    return {'title': clean_text(str(info.get('Title', ''))), 'description': clean_text(str(info.get('Description', '')))}
+    return {'title': clean_text(str(info.get('Title', ''))),
+            'description': clean_text(str(info.get('Description', '')))}
 
 
 def to_square_rgb(image: Image.Image, resolution: int) -> Image.Image:

@@ -116,7 +116,7 @@ def parse_adapter(text: str, what: str) -> Optional[Any]:
     return text
 
 
-# ---- data --------------------------------------------------------------------------------------------------------------
+# ---- data ------------------------------------------------------------------------------------------------------------
 def load_images(paths: Sequence[str]) -> List[Image.Image]:
     out = []
     for path in tqdm(paths, desc='loading images', unit='img', leave=False):

@@ -261,10 +261,11 @@ def attention_layers(model: nn.Module) -> Dict[str, List[str]]:
 def conv_tower_layers(model: nn.Module) -> List[str]:
     """Plain convs of the conv towers (towers with more than one conv; a ViT's patch embedding alone is skipped)."""
     out = []
+    modules = dict(model.named_modules())
     for prefixes in towers(model).values():
-        convs = [n for n, m in model.named_modules() if _in(n, prefixes) and isinstance(m, nn.modules.conv._ConvNd)]
+        convs = [n for n, m in modules.items() if _in(n, prefixes) and isinstance(m, nn.modules.conv._ConvNd)]
         if len(convs) > 1:
-            out += [n for n in convs if _plain(dict(model.named_modules())[n])]
+            out += [n for n in convs if _plain(modules[n])]
     return out
 
 
@@ -351,7 +352,7 @@ def freeze_norm_stats(model: nn.Module) -> int:
     return n
 
 
-# ---- data --------------------------------------------------------------------------------------------------------------
+# ---- data ------------------------------------------------------------------------------------------------------------
 def read_pairs(path: PathLike, image_key: str = 'image', caption_key: str = 'caption',
                root: Optional[PathLike] = None) -> List[Tuple[str, List[str]]]:
     """Read (image path, caption) rows from JSONL or CSV and group captions by image.
@@ -386,10 +387,13 @@ def read_pairs(path: PathLike, image_key: str = 'image', caption_key: str = 'cap
     groups: Dict[str, List[str]] = {}
     for line, row in rows:
         if not isinstance(row, dict) or image_key not in row:
-            raise ValueError(f'{path}:{line} has no {image_key!r} field (fields: {sorted(row) if isinstance(row, dict) else row})')
+            fields = sorted(row) if isinstance(row, dict) else row
+            raise ValueError(f'{path}:{line} has no {image_key!r} field (fields: {fields})')
         captions = row.get(caption_key + 's') if caption_key + 's' in row else [row.get(caption_key)]
-        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-            raise ValueError(f'{path}:{line} needs a non-empty string {caption_key!r} (or a list {caption_key + "s"!r})')
+        if (not isinstance(captions, list) or not captions
+                or not all(isinstance(c, str) and c.strip() for c in captions)):
+            raise ValueError(f'{path}:{line} needs a non-empty string {caption_key!r} '
+                             f'(or a list {caption_key + "s"!r})')
         image = os.path.join(root, str(row[image_key]))
         groups.setdefault(os.path.normpath(image), []).extend(c.strip() for c in captions)
     if not groups:

@@ -6,7 +6,8 @@ Losses (embeddings are L2-normalised inside, so similarities are cosines):
 
 * :func:`triplet_loss`: the triplet loss of Schroff et al. ("FaceNet", arXiv:1503.03832) in both directions with the
   hardest in-batch negative, as in VSE++ (Faghri et al., arXiv:1707.05612) and the retrieval setup of the SeRA
-  paper ("Vector Segmented and Recombined Adaptation for Scalable and Efficient Model Tuning", section 4.2): for a matching pair (i, t) with similarity s(i, t),
+  paper ("Vector Segmented and Recombined Adaptation for Scalable and Efficient Model Tuning", section 4.2): for a
+  matching pair (i, t) with similarity s(i, t),
   ``max(0, m + max_{t'} s(i, t') - s(i, t)) + max(0, m + max_{i'} s(i', t) - s(i, t))``, averaged over the batch.
 * :func:`info_nce_loss`: the symmetric InfoNCE (CLIP) loss with temperature τ.
 

@@ -120,7 +120,7 @@ def test_recall_bad_input():
         retrieval_recall(sim, torch.tensor([0, 1, 1]), ks=(0,))
 
 
-# ---- losses ------------------------------------------------------------------------------------------------------------
+# ---- losses ----------------------------------------------------------------------------------------------------------
 def test_triplet_loss_hand_computed():
     # unit vectors, so the similarities are the dot products
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -170,7 +170,7 @@ def test_info_nce_matches_cross_entropy():
         triplet_loss(img, txt[:4])
 
 
-# ---- data ----------------------------------------------------------------------------------------------------------------
+# ---- data ------------------------------------------------------------------------------------------------------------
 def test_read_pairs_groups_captions_and_split_is_by_image(tmp_path):
     rows = [{'image': 'a.png', 'caption': 'a cat'}, {'image': 'b.png', 'captions': ['a dog', 'a puppy']},
             {'image': 'a.png', 'caption': 'a kitten'}]
@@ -191,7 +191,7 @@ def test_read_pairs_groups_captions_and_split_is_by_image(tmp_path):
         vclip.split_by_image(many, 1.0)
 
 
-# ---- tiny open_clip ViT: targeting, training, save/load -----------------------------------------------------------------
+# ---- tiny open_clip ViT: targeting, training, save/load --------------------------------------------------------------
 @pytest.fixture(scope='module')
 def tiny_config(tmp_path_factory):
     path = tmp_path_factory.mktemp('cfg') / 'visadapt-tiny-vit.json'
