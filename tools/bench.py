@@ -175,7 +175,7 @@ class Candidate:
     Attributes:
         name: table label; kind: ``'base' | 'limit' | 'peft' | 'lycoris' | 'visadapt'``.
         model: its own deep copy of the base model, adapted; params: what gets gradients.
-        optimizer: AdamW over ``params`` (None for base and limit: no optimizer step).
+        optimizer: AdamW (foreach) over ``params`` (None for base and limit: no optimizer step).
         merge: folds the update into the weights and returns the module for merged inference (None: no inference row).
         extra: objects that hold trainable state outside ``model`` (the LyCORIS network).
         info: JSON facts (hyper-parameters, trainable count, notes).
@@ -191,10 +191,13 @@ class Candidate:
     step_s: List[float] = field(default_factory=list)
     infer_s: List[float] = field(default_factory=list)
     infer_model: Optional[nn.Module] = None
+    layers: Optional[List[str]] = None
 
 
 def _optimizer(params: List[nn.Parameter]) -> Optional[torch.optim.Optimizer]:
-    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0) if params else None
+    # the multi-tensor (foreach) AdamW, PyTorch's default on CUDA, here on every device: the per-tensor loop would
+    # charge methods with many small tensors (FLoRA: core + one factor per mode) for Python overhead, not compute
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True) if params else None
 
 
 def _trainable(*modules: nn.Module) -> List[nn.Parameter]:
@@ -242,7 +245,7 @@ def build_peft(work: Workload, rank: int) -> Candidate:
             notes.append(f'PEFT refuses {len(grouped)} grouped/depthwise conv(s) (left out): {str(err).strip()}')
             targets = [n for n in targets if n not in grouped]
     params = _trainable(model)
-    return Candidate(BASELINE_NAMES['peft'], 'peft', model, params, _optimizer(params),
+    return Candidate(BASELINE_NAMES['peft'], 'peft', model, params, _optimizer(params), layers=targets,
                      merge=lambda: wrapped.merge_and_unload(),
                      info={'trainable': sum(p.numel() for p in params), 'hyper': {'r': rank, 'lora_alpha': rank},
                            'layers': len(targets), 'notes': notes})
@@ -335,7 +338,8 @@ def _hyper(config: visadapt.AdapterConfig) -> Dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in skip}
 
 
-def build_visadapt(work: Workload, config: visadapt.AdapterConfig, skipped: List[str], how: str) -> Candidate:
+def build_visadapt(work: Workload, config: visadapt.AdapterConfig, skipped: List[str], how: str,
+                   label: Optional[str] = None, targets: Optional[List[str]] = None) -> Candidate:
     model = copy.deepcopy(work.model)
     visadapt.inject(model, config, name='bench')
     params = _trainable(model)
@@ -352,9 +356,10 @@ def build_visadapt(work: Workload, config: visadapt.AdapterConfig, skipped: List
              ] if skipped else []
     if adapts and not mergeable:
         notes.append('not mergeable: the inference row is the unmerged model')
-    return Candidate(cls.method, 'visadapt', model, params, _optimizer(params), merge=merge,
+    targets = work.targets if targets is None else targets
+    return Candidate(label or cls.method, 'visadapt', model, params, _optimizer(params), merge=merge,
                      info={'method': cls.method, 'trainable': sum(p.numel() for p in params), 'matched_by': how,
-                           'hyper': _hyper(config), 'layers': len(work.targets) - len(skipped) if adapts else 0,
+                           'hyper': _hyper(config), 'layers': len(targets) - len(skipped) if adapts else 0,
                            'notes': notes, 'merge_check': mergeable})
 
 
@@ -637,6 +642,14 @@ def bench_model(key: str, args: argparse.Namespace, log: Callable[[str], None]) 
         matched[m] = config
         cands.append(build_visadapt(work, config, skipped, how))
         log(f'[{key}] built {cands[-1].name}: {count:,} trainable, {_hyper(config)} ({time.perf_counter() - t0:.1f}s)')
+    peft = next((c for c in cands if c.kind == 'peft'), None)
+    if peft is not None and len(peft.layers) < len(work.targets):  # PEFT left layers out: compare on its layers too
+        for m in [m.strip().lower() for m in args.on_peft_layers.split(',') if m.strip()]:
+            config, count, skipped, how = match_method(m, work.model, peft.layers, peft.info['trainable'],
+                                                       args.max_rank, counter)
+            cands.append(build_visadapt(work, config, skipped, how + ' of PEFT LoRA',
+                                        label=f'{type(config).method} (PEFT layers)', targets=peft.layers))
+            log(f'[{key}] built {cands[-1].name}: {count:,} trainable, {_hyper(config)}')
 
     log(f'[{key}] timing {len(cands)} configurations: {args.warmup} warm-up + {args.steps} steps, round-robin')
     t0 = time.perf_counter()
@@ -821,7 +834,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--layer-steps', type=int, default=10, help='minimum timed steps per layer in the path choice')
     p.add_argument('--layer-time', type=float, default=0.5, help='seconds aimed at per layer and path')
-    p.add_argument('--path-methods', default='FLoRA,SVFT,LoRA',
+    p.add_argument('--on-peft-layers', default='FLoRA',
+                   help='methods also run on exactly the layers PEFT LoRA accepts, at its trainable count '
+                        '(when PEFT refuses some, e.g. depthwise convs); empty to skip')
+    p.add_argument('--path-methods', default='FLoRA,SVFT',
                    help='methods whose per-layer forward-path choice is timed (those with both paths), or all')
     p.add_argument('--path-layers', type=int, default=None, help='time at most this many distinct layers per model')
     p.add_argument('--no-path-choice', action='store_true', help='skip the per-layer forward-path benchmark')
@@ -880,6 +896,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         _methods(args)
     except ValueError as err:
         p.error(str(err))
+    for flag, value, extra in (('--on-peft-layers', args.on_peft_layers, ()), ('--path-methods', args.path_methods,
+                                                                            ('all',))):
+        bad = [m for m in (v.strip() for v in value.split(',')) if m and m.lower() not in visadapt.METHODS
+               and m not in extra]
+        if bad:
+            p.error(f'{flag} {bad} unknown; valid: {list(extra) + sorted(c.method for c in visadapt.METHODS.values())}')
     return args
 
 

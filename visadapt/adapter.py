@@ -48,7 +48,7 @@ class Adapter(nn.Module):
     bypass_elem_macs: ClassVar[int] = 64
     #: below about this many activation elements (x and output together) the chain's tensors stay in cache and moving
     #: them is nearly free: the per-element charge ramps up linearly from 0 to ``bypass_elem_macs`` here.
-    bypass_cached_elems: ClassVar[int] = 1 << 20
+    bypass_cached_elems: ClassVar[int] = 1 << 19
 
     def __init__(self, config: Any, site: Site, weight: torch.Tensor):
         super().__init__()

@@ -19,7 +19,8 @@ Trainable parameters per layer: Σ_n I_n·J_n + Π_n J_n, e.g. a 3×3 conv 64→
 
 Two forward paths with equal results: build ΔW and run one op with W + ΔW ("weight"), or a factorized chain
 ("bypass"): a grouped 1×1 projection to r channels per group, a grouped k×k conv with the core (in the layer's own
-stride/padding/dilation/padding_mode), and a grouped 1×1 expansion. The core picks the cheaper one per input shape.
+stride/padding/dilation/padding_mode), and a grouped 1×1 expansion (when r equals in/groups, e.g. RGB stems and
+depthwise convs, the projection is folded into the k×k kernel). The core picks the cheaper one per input shape.
 """
 from __future__ import annotations
 
@@ -104,12 +105,16 @@ def flora_bypass(site: Site, x: torch.Tensor, core: torch.Tensor, factors: Seque
         z = pointwise(site, z, core)                        # (..., r_out)
         return scale * pointwise(site, z, factors[0])      # (..., out)
     g = site.groups
-    down = factors[1].t()                                               # (r_in, in/g), shared by the groups
-    z = pointwise(site, x, down if g == 1 else down.repeat(g, 1), groups=g)  # (N, g·r_in, *S): per-group projection
-    kernel = tucker_weight(core, factors, modes=range(2, core.dim()))   # (r_out, r_in, *k)
+    # r_in = in/g (RGB stems, depthwise convs): the projection would not reduce anything, so fold A^(2) into the
+    # kernel instead of running a full-resolution 1×1 conv (same result: the 1×1 commutes with padding)
+    fold = core.shape[1] == site.in_features
+    kernel = tucker_weight(core, factors, modes=range(1 if fold else 2, core.dim()))  # (r_out, r_in or in/g, *k)
+    if not fold:
+        down = factors[1].t()                                           # (r_in, in/g), shared by the groups
+        x = pointwise(site, x, down if g == 1 else down.repeat(g, 1), groups=g)  # (N, g·r_in, *S)
     if g > 1:  # (a repeat with g == 1 would only copy the kernel and add an autograd node)
         kernel = kernel.repeat(g, *([1] * (kernel.dim() - 1)))
-    z = run_op(site, z, kernel, groups=g)                               # layer geometry, g·r_out channels
+    z = run_op(site, x, kernel, groups=g)                               # layer geometry, g·r_out channels
     return scale * pointwise(site, z, factors[0], groups=g)             # (N, out, *S')
 
 
@@ -118,9 +123,9 @@ def flora_bypass_macs(site: Site, x_shape: Sequence[int], ranks: Sequence[int]) 
     if site.kind == 'linear':
         return input_positions(site, x_shape) * (site.in_features * r_in + r_in * r_out + r_out * site.out_features)
     g = site.groups
-    return (input_positions(site, x_shape) * g * site.in_features * r_in
-            + output_positions(site, x_shape) * (g * r_out * r_in * math.prod(site.kernel_size)
-                                                 + site.out_features * r_out))
+    project = 0 if r_in == site.in_features else input_positions(site, x_shape) * g * site.in_features * r_in
+    return project + output_positions(site, x_shape) * (g * r_out * r_in * math.prod(site.kernel_size)
+                                                        + site.out_features * r_out)
 
 
 def flora_delta_macs(weight_shape: Sequence[int], ranks: Sequence[int]) -> int:
