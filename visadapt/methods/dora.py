@@ -53,7 +53,9 @@ def dora_weight(weight: torch.Tensor, delta: torch.Tensor, m: torch.Tensor):
     dtype = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
     v = weight.to(dtype) + delta.to(dtype)
     norm = channel_norm(v).detach()
-    scale = (m.to(dtype) / norm).view(-1, *([1] * (weight.dim() - 1)))
+    # an all-zero row (pretrained nets have dead channels, e.g. 5 depthwise filters of EfficientNet-Lite0) stays zero
+    # instead of 0/0 = NaN: any finite divisor gives m · 0 = 0 there
+    scale = (m.to(dtype) / torch.where(norm > 0, norm, torch.ones_like(norm))).view(-1, *([1] * (weight.dim() - 1)))
     return (v * scale).to(weight.dtype), norm
 
 
