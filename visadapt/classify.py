@@ -446,6 +446,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if not history['eval']:
         t0 = time.time()
         acc, loss = evaluate(model, norm, data.test, args.eval_batch_size, device, amp_dtype)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f'the test loss is {loss} before any training step: {config.method} on '
+                                     f'{args.model} gives non-finite outputs (NaN/Inf weights or a method bug)')
         history['eval'].append({'step': 0, 'epoch': 0, 'accuracy': acc, 'loss': loss, 'seconds': time.time() - t0})
         print(f'step 0 (before training): test accuracy {100 * acc:.2f}%, loss {loss:.4f}', flush=True)
 

@@ -199,6 +199,20 @@ def test_timm_idioms_reset_classifier_and_save_load(tmp_path):
         torch.testing.assert_close(fresh.eval()(x), ref)
 
 
+def test_every_method_is_finite_on_the_packaged_efficientnet_lite0():
+    """Real pretrained weights have dead (all-zero) channels; no method may turn them into NaN."""
+    model = vt.create_model('efficientnet_lite0', pretrained='packaged', num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for key in sorted(visadapt.METHODS):
+        try:
+            vt.wrap(model, key, name='m')
+        except ValueError:
+            continue  # not applicable to convs (e.g. SeRA)
+        with torch.no_grad():
+            assert torch.isfinite(model(x)).all(), key
+        visadapt.remove(model, 'm')
+
+
 def test_every_method_wraps_or_says_why():
     """Registry-driven: every registered method either wraps efficientnet_lite0 or a tiny ViT, with its classifier."""
     models = {'efficientnet_lite0': timm.create_model('efficientnet_lite0', num_classes=3),
