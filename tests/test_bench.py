@@ -54,7 +54,8 @@ def test_quick_outputs_and_schema(quick_run):
     assert model['budget'] > 0 and model['targets'] == 40
     names = [c['name'] for c in model['configs']]
     assert names == ['base (frozen)', 'weight-grad limit', 'PEFT LoRA', 'LyCORIS LoCon', 'LyCORIS Tucker bypass',
-                     'FLoRA', 'LoRA', 'SVFT', 'BitFit']  # baselines first, then methods in the order asked
+                     'FLoRA', 'LoRA', 'SVFT', 'BitFit',  # baselines first, then methods in the order asked
+                     'FLoRA (PEFT layers)']  # PEFT refused the depthwise convs: FLoRA again on PEFT's own layers
     for row in model['configs']:
         assert CONFIG_KEYS <= set(row), row['name']
         assert len(row['step_ms_all']) == 3 and all(t > 0 for t in row['step_ms_all'])
@@ -69,12 +70,16 @@ def test_quick_outputs_and_schema(quick_run):
     # the budget matcher brought the rank methods to the budget; LoRA defines it
     assert rows['LoRA']['trainable'] == model['budget']
     assert abs(rows['FLoRA']['trainable'] - model['budget']) / model['budget'] < 0.1
+    on_peft = rows['FLoRA (PEFT layers)']
+    assert on_peft['layers'] == rows['PEFT LoRA']['layers'] < model['targets']
+    assert abs(on_peft['trainable'] - rows['PEFT LoRA']['trainable']) / rows['PEFT LoRA']['trainable'] < 0.1
 
 
 def test_quick_merge_verified(quick_run):
     _, result = quick_run
     rows = {c['name']: c for c in result['models'][0]['configs']}
-    for name in ('FLoRA', 'LoRA', 'SVFT', 'BitFit', 'PEFT LoRA', 'LyCORIS LoCon', 'LyCORIS Tucker bypass'):
+    for name in ('FLoRA', 'LoRA', 'SVFT', 'BitFit', 'FLoRA (PEFT layers)', 'PEFT LoRA', 'LyCORIS LoCon',
+                 'LyCORIS Tucker bypass'):
         assert rows[name]['merged_equals_unmerged'] is True, (name, rows[name].get('merge_max_abs_diff'))
         assert rows[name]['infer_ms'] > 0
     for name in ('FLoRA', 'LoRA', 'SVFT', 'BitFit'):

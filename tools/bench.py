@@ -573,11 +573,16 @@ def path_choice(work: Workload, method: str, config: visadapt.AdapterConfig, arg
             r['opt'].step()
 
         order = list(runs)
-        t0 = _clock()
-        time_round_robin(order, run, lambda p: [], args.warmup, 1, args.device)
-        per_step = (_clock() - t0) / (len(order) * (args.warmup + 1))
-        reps = max(args.layer_steps, min(4 * args.layer_steps, int(args.layer_time / max(per_step, 1e-6))))
-        time_round_robin(order, run, lambda p: runs[p]['s'], 0, reps, args.device)
+        first: Dict[str, List[float]] = {p: [] for p in order}
+        time_round_robin(order, run, lambda p: first[p], args.warmup, 1, args.device)
+        fastest = min(t[0] for t in first.values())
+        reps = max(args.layer_steps, min(4 * args.layer_steps, int(args.layer_time / max(fastest, 1e-6))))
+        # a path over 5× slower than the fastest one cannot be the better one: 3 timings settle it
+        slow = [p for p in order if first[p][0] > 5 * fastest]
+        time_round_robin(order, run, lambda p: runs[p]['s'], 0, min(reps, 3), args.device)
+        rest = [p for p in order if p not in slow]
+        if reps > 3 and rest:
+            time_round_robin(rest, run, lambda p: runs[p]['s'], 0, reps - 3, args.device)
         with torch.enable_grad():
             chosen = 'bypass' if runs['auto']['adapter'].use_bypass(x) else 'weight'
         ms = {p: 1e3 * statistics.median(runs[p]['s']) for p in order}
@@ -586,7 +591,7 @@ def path_choice(work: Workload, method: str, config: visadapt.AdapterConfig, arg
                      'type': sig[0], 'weight_shape': list(sig[1]), 'groups': sig[5], 'input_shape': list(sig[-1]),
                      'weight_ms': ms['weight'], 'bypass_ms': ms['bypass'], 'auto_ms': ms['auto'],
                      'auto_path': chosen, 'best_path': best, 'auto_vs_best': ms['auto'] / ms[best],
-                     'chosen_vs_best': ms[chosen] / ms[best], 'steps': reps,
+                     'chosen_vs_best': ms[chosen] / ms[best], 'steps': {p: len(runs[p]['s']) for p in order},
                      'ok': ms[chosen] <= PATH_TOLERANCE * ms[best]})
     return rows
 
@@ -923,11 +928,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         model_args = argparse.Namespace(**{**vars(args), 'batch_size': batch, 'image_size': size})
         result['models'].append(bench_model(key, model_args, log))
         gc.collect()
-    result['meta']['wall_s'] = time.perf_counter() - start
-    atomic_write_bytes(os.path.join(args.out, 'bench.json'), json.dumps(result, indent=1).encode())
-    text = markdown(result)
-    atomic_write_bytes(os.path.join(args.out, 'bench.md'), text.encode())
-    plot(result, os.path.join(args.out, 'bench.png'))
+        # written after every model, so an interrupted run keeps what it measured
+        result['meta']['wall_s'] = time.perf_counter() - start
+        atomic_write_bytes(os.path.join(args.out, 'bench.json'), json.dumps(result, indent=1).encode())
+        text = markdown(result)
+        atomic_write_bytes(os.path.join(args.out, 'bench.md'), text.encode())
+        plot(result, os.path.join(args.out, 'bench.png'))
     print(text)
     log(f'wrote {args.out}/bench.json, bench.md, bench.png')
     return result
