@@ -265,6 +265,19 @@ def test_disable_merged_adapter_unmerges_it():
     torch.testing.assert_close(model.pw.weight, w0, rtol=1e-5, atol=1e-7)
 
 
+def test_adapters_disabled_context_remerges_merged_adapters():
+    model = small_cnn()
+    base = _out(model)
+    visadapt.inject(model, visadapt.FLoRAConfig(r=2, scale=2.0))
+    randomize_adapters(model)
+    adapted = _out(model)
+    visadapt.merge(model)
+    with visadapt.adapters_disabled(model):
+        torch.testing.assert_close(_out(model), base, rtol=1e-5, atol=1e-6)
+    assert {r['path'] for r in visadapt.summary(model).rows} == {'merged'}
+    torch.testing.assert_close(_out(model), adapted, rtol=1e-5, atol=1e-6)
+
+
 def test_adapters_disabled_context_leaves_other_states_alone():
     model = small_cnn()
     visadapt.inject(model, visadapt.FLoRAConfig(r=2), name='a')

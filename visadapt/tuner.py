@@ -347,15 +347,23 @@ def disable_adapter(model: nn.Module, name: Optional[str] = None) -> None:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module, name: Optional[str] = None) -> Iterator[None]:
-    """Context manager: run the base model (e.g. a reference forward) and re-enable afterwards."""
+    """Context manager: run the base model (e.g. a reference forward) and re-enable afterwards.
+
+    Adapters that were merged on entry (disabling unmerges them) are merged again on exit.
+    """
     layers = _layers_for(model, name)
     before = {id(m): set(m._va_disabled) for _, m, _ in layers}
+    merged = {id(m): list(m._va_merged) for _, m, _ in layers}
     disable_adapter(model, name)
     try:
         yield
     finally:
-        for _, module, _ in layers:
-            module._va_disabled = before[id(module)]
+        with torch.no_grad():
+            for _, module, _ in layers:
+                module._va_disabled = before[id(module)]
+                for n in merged[id(module)]:
+                    if n not in module._va_merged:
+                        _merge_one(module, n)
 
 
 @dataclass
