@@ -32,8 +32,9 @@ Reference configurations on the same layers:
 
 Visadapt methods come from the registry ``visadapt.METHODS``; ``visadapt.budget.match_budget`` sets each one's rank
 (its ``budget_field``, at most ``--max-rank``) so that its trainable count is closest to the budget: visadapt LoRA at
-rank ``--rank`` on the target layers, unless ``--budget`` gives a parameter count. Methods without a rank keep their
-fixed count, full fine-tuning trains everything, and layers a method refuses are left out (and listed).
+rank ``--rank`` on the target layers, unless ``--budget`` gives a parameter count. SVFT runs its banded pattern with
+the band width as the knob (``MATCH_PRESETS``); methods without a rank keep their fixed count, full fine-tuning trains
+everything, and layers a method refuses are left out (and listed).
 
 Per layer, the FLoRA/SVFT (every method with both a weight path and a bypass) forward-path choice is timed: one
 training step of the lone layer with ``forward_path='weight'``, ``'bypass'`` and ``'auto'``; ``auto`` must be within
@@ -313,6 +314,11 @@ def _config_for(method: str, targets: List[str], model: nn.Module, counter: Budg
     raise ValueError(f'{cls.method} cannot adapt any of the {len(targets)} target layers of this model')
 
 
+#: methods whose budget knob needs a non-default setting: (config fields, knob). SVFT's default plain pattern has a
+#: fixed count (one entry per singular value); its banded pattern SVFT_B^d grows with the band width d.
+MATCH_PRESETS: Dict[str, Tuple[Dict[str, Any], str]] = {'svft': ({'pattern': 'banded'}, 'off_diag')}
+
+
 def match_method(method: str, model: nn.Module, targets: List[str], budget: int, max_rank: int,
                  counter: BudgetCounter) -> Tuple[visadapt.AdapterConfig, int, List[str], str]:
     """``method``'s config on ``targets`` with its trainable count closest to ``budget`` (``visadapt.budget``).
@@ -326,10 +332,11 @@ def match_method(method: str, model: nn.Module, targets: List[str], budget: int,
             config = cls()
             return config, count_adapter_params(model, config, 'trainable'), [], 'trains every parameter'
         raise ValueError(f'{cls.method} adapts no layer (it only trains train_modules)')
-    config, skipped = _config_for(method, targets, model, counter)
-    if budget_field(config) is None:
+    fields, knob = MATCH_PRESETS.get(method.lower(), ({}, None))
+    config, skipped = _config_for(method, targets, model, counter, **fields)
+    if knob is None and budget_field(config) is None:
         return config, counter(config), skipped, 'fixed count (no rank to tune)'
-    match = match_budget(model, config, budget, max_value=max_rank, counter=counter)
+    match = match_budget(model, config, budget, field=knob, max_value=max_rank, counter=counter)
     return match.config, match.achieved, skipped, f'{match.field}={match.value} ({100 * match.rel_error:+.1f}%)'
 
 
@@ -716,6 +723,37 @@ def _fmt(value: Optional[float], spec: str, suffix: str = '') -> str:
     return '–' if value is None else format(value, spec) + suffix
 
 
+TARGET_METHODS = ('FLoRA', 'SeRA', 'SVFT')
+
+
+def _target_lines(model: Dict[str, Any]) -> List[str]:
+    """Issue 8's targets for FLoRA, SeRA and SVFT on this model, each marked met (yes) or missed (no)."""
+    rows = {r['name']: r for r in model['configs']}
+    limit = rows.get(BASELINE_NAMES['limit'])
+    picked = [r for r in model['configs'] if r['kind'] == 'visadapt' and r.get('method') in TARGET_METHODS]
+    if not picked:
+        return []
+
+    def mark(value: Optional[float], ok: bool, spec: str = '.2f') -> str:
+        return '–' if value is None else f"{value:{spec}}× {'yes' if ok else '**no**'}"
+
+    lines = ['', f"Targets (issue 8) on {model['model']}:", '',
+             '| method | step ≤ 1.00× PEFT | step ≤ 1.10× base | step < weight-grad limit | peak ≤ PEFT '
+             '| merged infer 1.00× base (±5%) | merged = unmerged |', '|---|---|---|---|---|---|---|']
+    for r in picked:
+        vs_limit = r['step_ms'] / limit['step_ms'] if limit else None
+        infer = r['infer_vs_base']
+        equal = r.get('merged_equals_unmerged')
+        lines.append('| ' + ' | '.join([
+            r['name'], mark(r['step_vs_peft'], (r['step_vs_peft'] or 0) <= 1.0),
+            mark(r['step_vs_base'], r['step_vs_base'] <= 1.10),
+            mark(vs_limit, vs_limit is not None and vs_limit < 1.0),
+            mark(r['peak_vs_peft'], (r['peak_vs_peft'] or 0) <= 1.0),
+            mark(infer, infer is not None and abs(infer - 1.0) <= 0.05),
+            '–' if equal is None else ('yes' if equal else '**no**')]) + ' |')
+    return lines
+
+
 def markdown(result: Dict[str, Any]) -> str:
     meta = result['meta']
     lines = [f"# visadapt benchmark", '',
@@ -749,15 +787,21 @@ def markdown(result: Dict[str, Any]) -> str:
                 for n, h in hypers) + '.']
         if notes:
             lines += [''] + [f'- {n}: {text}' for n, text in notes]
+        lines += _target_lines(model)
         if model['path_choice']:
+            ok = sum(p['ok'] for p in model['path_choice'])
             lines += ['', f"### {model['model']}: forward-path choice per layer (one training step of the layer)", '',
+                      f"`auto` picked a path within {100 * (PATH_TOLERANCE - 1):.0f}% of the faster forced path on "
+                      f"{ok} of {len(model['path_choice'])} layers (ok: the chosen path's forced time ≤ "
+                      f"{PATH_TOLERANCE:.2f}× the faster one; `auto ms` is its own, separately timed run).", '',
                       '| method | layer (×n) | weight | groups | input | weight ms | bypass ms | auto ms | auto → '
-                      '| auto / best | ok |', '|---|---|---|---:|---|---:|---:|---:|---|---:|:---:|']
+                      '| chosen / best | auto / best | ok |', '|---|---|---|---:|---|---:|---:|---:|---|---:|---:|:---:|']
             for p in model['path_choice']:
                 lines.append('| ' + ' | '.join([
                     p['method'], f"{p['layer']} (×{p['n_layers']})", 'x'.join(map(str, p['weight_shape'])),
                     str(p['groups']), 'x'.join(map(str, p['input_shape'])), f"{p['weight_ms']:.2f}",
-                    f"{p['bypass_ms']:.2f}", f"{p['auto_ms']:.2f}", p['auto_path'], f"{p['auto_vs_best']:.2f}",
+                    f"{p['bypass_ms']:.2f}", f"{p['auto_ms']:.2f}", p['auto_path'], f"{p['chosen_vs_best']:.2f}",
+                    f"{p['auto_vs_best']:.2f}",
                     'yes' if p['ok'] else '**no**']) + ' |')
         lines.append('')
     return '\n'.join(lines) + '\n'
@@ -834,7 +878,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument('--image-size', type=int, default=128, help='input side (the UNet block gets size/8 latents)')
     p.add_argument('--rank', type=int, default=8, help='rank of PEFT LoRA, LyCORIS and the visadapt LoRA budget')
     p.add_argument('--budget', type=int, default=None, help='trainable-parameter budget (default: visadapt LoRA r)')
-    p.add_argument('--max-rank', type=int, default=64, help='upper end of the local rank search')
+    p.add_argument('--max-rank', type=int, default=128, help='largest rank the budget matcher may choose')
     p.add_argument('--steps', type=int, default=10, help='timed steps per configuration (median)')
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--layer-steps', type=int, default=10, help='minimum timed steps per layer in the path choice')
