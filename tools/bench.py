@@ -314,6 +314,31 @@ def _config_for(method: str, targets: List[str], model: nn.Module, counter: Budg
     raise ValueError(f'{cls.method} cannot adapt any of the {len(targets)} target layers of this model')
 
 
+@contextlib.contextmanager
+def _reused_svd_bases():
+    """SVFT computes an SVD of every weight at injection and the budget search injects the same weights many times
+    (on one cached copy of the model): reuse the bases per weight tensor (same storage, shape and version) meanwhile.
+    Only the dry-run counts see this; the benchmarked models are built outside it."""
+    try:
+        from visadapt.methods import svft
+    except ImportError:
+        yield
+        return
+    original, memo = svft.svft_bases, {}
+
+    def bases(matrix: torch.Tensor, r: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        key = (matrix.data_ptr(), tuple(matrix.shape), matrix.stride(), matrix.dtype, matrix._version, r)
+        if key not in memo:
+            memo[key] = original(matrix, r)
+        return memo[key]
+
+    svft.svft_bases = bases
+    try:
+        yield
+    finally:
+        svft.svft_bases = original
+
+
 #: methods whose budget knob needs a non-default setting: (config fields, knob). SVFT's default plain pattern has a
 #: fixed count (one entry per singular value); its banded pattern SVFT_B^d grows with the band width d.
 MATCH_PRESETS: Dict[str, Tuple[Dict[str, Any], str]] = {'svft': ({'pattern': 'banded'}, 'off_diag')}
@@ -336,7 +361,8 @@ def match_method(method: str, model: nn.Module, targets: List[str], budget: int,
     config, skipped = _config_for(method, targets, model, counter, **fields)
     if knob is None and budget_field(config) is None:
         return config, counter(config), skipped, 'fixed count (no rank to tune)'
-    match = match_budget(model, config, budget, field=knob, max_value=max_rank, counter=counter)
+    with _reused_svd_bases():
+        match = match_budget(model, config, budget, field=knob, max_value=max_rank, counter=counter)
     return match.config, match.achieved, skipped, f'{match.field}={match.value} ({100 * match.rel_error:+.1f}%)'
 
 
