@@ -35,9 +35,9 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from visadapt.clipart import CLIPART_ROOT, to_square_rgb  # noqa: E402
 from visadapt.io import atomic_write_bytes  # noqa: E402
 
-CLIPART_ROOT = '/usr/share/openclipart/png'
 SKIP_CATEGORIES = ('special', 'unsorted')
 MAX_PIXELS = 4096 * 4096  # a few sources are huge posters; skip them rather than decode 100+ MB
 
@@ -70,17 +70,6 @@ def read_metadata(path: str) -> Optional[Dict[str, str]]:
         return None
     return {'title': clean_text(str(info.get('Title', ''))),
             'description': clean_text(str(info.get('Description', '')))}
-
-
-def to_square_rgb(image: Image.Image, resolution: int) -> Image.Image:
-    """Composite on white, pad to a centred white square and resize to ``resolution``×``resolution``."""
-    rgba = image.convert('RGBA')
-    flat = Image.new('RGB', rgba.size, (255, 255, 255))
-    flat.paste(rgba, mask=rgba.getchannel('A'))
-    side = max(flat.size)
-    square = Image.new('RGB', (side, side), (255, 255, 255))
-    square.paste(flat, ((side - flat.width) // 2, (side - flat.height) // 2))
-    return square.resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 
 def make_captions(output_dir: str, num_images: int = 1200, resolution: int = 128, seed: int = 0,

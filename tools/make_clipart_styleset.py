@@ -30,9 +30,9 @@ from typing import List, Optional
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from visadapt.clipart import CLIPART_ROOT, to_square_rgb  # noqa: E402
 from visadapt.io import atomic_write_bytes  # noqa: E402
 
-CLIPART_ROOT = '/usr/share/openclipart/png'
 
 
 def title_from_filename(filename: str) -> str:
@@ -40,17 +40,6 @@ def title_from_filename(filename: str) -> str:
     stem = os.path.splitext(os.path.basename(filename))[0]
     stem = re.sub(r'_\d*$', '', stem)
     return re.sub(r'\s+', ' ', re.sub(r'[_\-]+', ' ', stem)).strip()
-
-
-def to_square_rgb(image: Image.Image, resolution: int) -> Image.Image:
-    """Composite on white, pad to a centred square (white) and resize to ``resolution``×``resolution``."""
-    rgba = image.convert('RGBA')
-    flat = Image.new('RGB', rgba.size, (255, 255, 255))
-    flat.paste(rgba, mask=rgba.getchannel('A'))
-    side = max(flat.size)
-    square = Image.new('RGB', (side, side), (255, 255, 255))
-    square.paste(flat, ((side - flat.width) // 2, (side - flat.height) // 2))
-    return square.resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 
 def make_styleset(category: str, output_dir: str, resolution: int = 128, max_images: Optional[int] = None,
