@@ -77,7 +77,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import visadapt  # noqa: E402
 from visadapt.budget import BudgetCounter, budget_field, count_adapter_params, match_budget  # noqa: E402
 from visadapt.io import atomic_write_bytes  # noqa: E402
-from visadapt.layer import is_adapted  # noqa: E402
+from visadapt.layer import iter_adapted  # noqa: E402
 from visadapt.site import site_from_module  # noqa: E402
 
 BASELINES = ('base', 'limit', 'peft', 'lycoris-locon', 'lycoris-locon-bypass', 'lycoris-tucker',
@@ -358,10 +358,10 @@ def match_method(method: str, model: nn.Module, targets: List[str], budget: int,
             return config, count_adapter_params(model, config, 'trainable'), [], 'trains every parameter'
         raise ValueError(f'{cls.method} adapts no layer (it only trains train_modules)')
     fields, knob = MATCH_PRESETS.get(method.lower(), ({}, None))
-    config, skipped = _config_for(method, targets, model, counter, **fields)
-    if knob is None and budget_field(config) is None:
-        return config, counter(config), skipped, 'fixed count (no rank to tune)'
     with _reused_svd_bases():
+        config, skipped = _config_for(method, targets, model, counter, **fields)
+        if knob is None and budget_field(config) is None:
+            return config, counter(config), skipped, 'fixed count (no rank to tune)'
         match = match_budget(model, config, budget, field=knob, max_value=max_rank, counter=counter)
     return match.config, match.achieved, skipped, f'{match.field}={match.value} ({100 * match.rel_error:+.1f}%)'
 
@@ -378,7 +378,9 @@ def build_visadapt(work: Workload, config: visadapt.AdapterConfig, skipped: List
     params = _trainable(model)
     cls = type(config)
     adapts = getattr(cls, 'adapts_layers', True)
-    mergeable = adapts and getattr(cls.adapter_cls, 'mergeable', True)
+    # mergeability is per layer (BitFit cannot fold Δb into a layer without a bias)
+    refused = [n for n, m in iter_adapted(model, 'bench') if not m.visadapt['bench'].mergeable]
+    mergeable = adapts and not refused
 
     def merge() -> nn.Module:
         if mergeable:
@@ -388,7 +390,8 @@ def build_visadapt(work: Workload, config: visadapt.AdapterConfig, skipped: List
     notes = [f'not adapted ({len(skipped)}): ' + ', '.join(skipped[:4]) + (' ...' if len(skipped) > 4 else '')
              ] if skipped else []
     if adapts and not mergeable:
-        notes.append('not mergeable: the inference row is the unmerged model')
+        notes.append(f'not mergeable on {len(refused)} layer(s) (e.g. {refused[0]}): the inference row is the '
+                     f'unmerged model')
     targets = work.targets if targets is None else targets
     return Candidate(label or cls.method, 'visadapt', model, params, _optimizer(params), merge=merge,
                      info={'method': cls.method, 'trainable': sum(p.numel() for p in params), 'matched_by': how,
