@@ -5,6 +5,8 @@ Imported as ``from visadapt_testing import ...`` (pytest puts ``tests/`` on ``sy
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any, Dict
 
 import torch
@@ -110,3 +112,14 @@ def assert_unchanged(model: nn.Module, before: Dict[str, Any]) -> None:
     assert list(after['state']) == list(before['state'])
     for k, v in before['state'].items():
         assert torch.equal(after['state'][k], v), k
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

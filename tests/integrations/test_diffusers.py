@@ -8,7 +8,6 @@ does per key), diffusers' ``load_lora_weights``, and ``UNet2DConditionModel.from
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -20,14 +19,9 @@ import torch.nn as nn
 import visadapt
 from visadapt import diffusers as vd
 
+from visadapt_testing import load_tool as _tool  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')

@@ -6,7 +6,6 @@ stardist's img2d.tif / mask2d.tif by tools/make_stardist_coco.py, for a few iter
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import socket
 import subprocess
@@ -22,17 +21,12 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.registry import RUNNERS
 
+from visadapt_testing import load_tool as _tool  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET_SMOKE = os.path.join(ROOT, 'mm_configs', 'mmdet', 'mask-rcnn_efficientnet-lite0_fpn_stardist_flora.py')
 SEG_SMOKE = os.path.join(ROOT, 'mm_configs', 'mmseg', 'upernet_efficientnet-lite0_stardist_flora.py')
 PAPER_CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'mm_configs', '*', '*convnextv2-l*.py')))
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
