@@ -127,6 +127,45 @@ def test_delta_is_u_m_vt_and_paths_agree(pattern, layer, shape):
     torch.testing.assert_close(results['bypass'][1], results['weight'][1], rtol=1e-4, atol=1e-4)
 
 
+# M folded into Vᵀ once (in ≤ positions·groups) or applied to the activations (few positions), Linear and conv
+_COST_CASES = [
+    ('linear-fold', lambda: nn.Linear(24, 40), (2, 30, 24)),
+    ('linear-activations', lambda: nn.Linear(40, 24), (1, 3, 40)),
+    ('conv-fold', lambda: nn.Conv2d(8, 12, 3, padding=1, groups=2), (2, 8, 6, 6)),
+    ('conv-activations', lambda: nn.Conv2d(16, 24, 3, stride=2, groups=2), (1, 16, 3, 3)),
+]
+
+
+@pytest.mark.parametrize('pattern', ['plain', 'banded', 'random'])
+@pytest.mark.parametrize('layer,shape', [c[1:] for c in _COST_CASES], ids=[c[0] for c in _COST_CASES])
+def test_cost_counts_are_the_measured_flops_and_both_paths_agree(pattern, layer, shape):
+    """delta_macs / bypass_macs (what the path choice compares) are the FLOPs each path really runs, in both bypass
+    forms, and the forms give the weight path's output and gradient."""
+    from flop_count import layer_flops, measured_flops
+    x = torch.randn(shape)
+    shared = layer_flops(layer(), shape, training=False)
+    results = {}
+    for path in ('weight', 'bypass'):
+        torch.manual_seed(0)
+        model = TinyNet(layer())
+        visadapt.inject(model, visadapt.SVFTConfig(pattern=pattern, off_diag=1, include=['layer'],
+                                                   forward_path=path))
+        randomize_adapters(model)
+        adapter = _adapter(model)
+        with torch.no_grad():
+            extra = measured_flops(lambda: model.layer(x)) - shared
+        expected = adapter.delta_macs() if path == 'weight' else adapter.bypass_macs(shape)
+        if pattern == 'plain':  # M = diag: its product is a scaling (p·max(out, in) MACs), which the counter skips
+            assert 0 < 2 * expected - extra <= 2 * adapter.p * max(adapter.site.matrix_shape()), (path, extra, expected)
+        else:
+            assert extra == 2 * expected, (path, extra, expected)
+        out = model.layer(x)
+        out.square().sum().backward()
+        results[path] = out.detach(), adapter.values.grad.clone()
+    torch.testing.assert_close(results['bypass'][0], results['weight'][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results['bypass'][1], results['weight'][1], rtol=1e-4, atol=1e-4)
+
+
 def test_gated_init_is_official_codes():
     torch.manual_seed(0)
     model = TinyNet(nn.Linear(32, 32))
