@@ -4,10 +4,11 @@ Imported as ``from visadapt_testing import ...`` (pytest puts ``tests/`` on ``sy
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 import torch
 import torch.nn as nn
@@ -123,3 +124,17 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def flop_only_cost_model() -> Iterator[None]:
+    """The path choice on CPU counting multiply-accumulates only (no per-call or memory-traffic charges), for tests
+    whose expectation is the path with measurably fewer FLOPs."""
+    from visadapt import path_cost
+    before = path_cost.cost_model('cpu')
+    path_cost.set_cost_model('cpu', path_cost.PathCost(bypass_elem_macs=0, weight_elem_macs=0, conv_op_macs=0,
+                                                        matmul_op_macs=0))
+    try:
+        yield
+    finally:
+        path_cost.set_cost_model('cpu', before)

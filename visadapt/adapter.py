@@ -18,7 +18,8 @@ from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .site import Site, base_flops, output_positions
+from .path_cost import cost_model
+from .site import Site
 
 __all__ = ['Adapter']
 
@@ -39,16 +40,6 @@ class Adapter(nn.Module):
     has_weight_path: ClassVar[bool] = True
     #: does the method implement ``bypass``/``bypass_macs`` (the factorized path)?
     has_bypass: ClassVar[bool] = False
-    #: MAC-equivalents the path choice charges per activation element (of ``x`` and of the output) that one pass of
-    #: the bypass moves, on top of ``bypass_macs``, once the activations no longer fit in the caches. A rank-r chain
-    #: (or an elementwise scale) does ~r MACs per element it reads or writes, so on large activations it is bound by
-    #: memory traffic, while the weight path's extra work (the weight gradient) is one large matmul at full rate.
-    #: Fitted to per-layer CPU timings (tools/bench.py, docs/bench.md): without it, layers with many positions and
-    #: few channels (ConvNeXt stage-1 MLPs, strided stems) took the bypass at 1.1-2x the weight path's time.
-    bypass_elem_macs: ClassVar[int] = 64
-    #: below about this many activation elements (x and output together) the chain's tensors stay in cache and moving
-    #: them is nearly free: the per-element charge ramps up linearly from 0 to ``bypass_elem_macs`` here.
-    bypass_cached_elems: ClassVar[int] = 1 << 19
 
     def __init__(self, config: Any, site: Site, weight: torch.Tensor):
         super().__init__()
@@ -95,30 +86,28 @@ class Adapter(nn.Module):
         """Multiply-accumulates of :meth:`bypass` for an input of ``x_shape``; None when there is no bypass."""
         return None
 
+    def bypass_ops(self) -> int:
+        """Matmul/conv calls in one forward of :meth:`bypass` (each has a fixed cost, see ``visadapt.path_cost``)."""
+        return 2
+
+    def delta_ops(self) -> int:
+        """Matmul calls that build ΔW once."""
+        return 1
+
     # ---- choices and bookkeeping ---------------------------------------------------------------------------------
     def use_bypass(self, x: torch.Tensor) -> bool:
-        """Pick the path for this input: forced by ``config.forward_path`` or the cheaper one by a cost count.
-
-        Training on the weight path pays the layer's weight gradient (one more op of the layer's own size) plus
-        building ΔW forward and backward; the bypass pays its chain three times (forward, input and parameter
-        gradients), each pass costing its MACs plus up to ``bypass_elem_macs`` per activation element it moves (see
-        there). At inference only the extra forward work counts.
-        """
+        """Pick the path for this input: forced by ``config.forward_path``, else the one
+        :mod:`visadapt.path_cost` predicts cheaper for this shape, device and mode (training or not); cached per
+        input shape."""
         if self.forward_path == 'bypass' or not self.has_weight_path:
             return True
         if self.forward_path == 'weight' or not self.has_bypass:
             return False
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        key = (tuple(x.shape), training)
+        key = (tuple(x.shape), x.device.type, training)
         choice = self._path_cache.get(key)
         if choice is None:
-            elements = x.numel() + output_positions(self.site, x.shape) * self.site.out_features
-            traffic = self.bypass_elem_macs * elements * min(1.0, elements / self.bypass_cached_elems)
-            bypass_cost = self.bypass_macs(x.shape) + traffic
-            if training:
-                choice = 3 * bypass_cost < base_flops(self.site, x.shape) + 3 * self.delta_macs()
-            else:
-                choice = bypass_cost < self.delta_macs()
+            choice = cost_model(x.device.type).prefers_bypass(self, x.shape, training)
             self._path_cache[key] = choice
         return choice
 

@@ -168,6 +168,12 @@ class SlicedAdapter(Adapter):
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         return sum(self._part(n).bypass_macs(x_shape) for n in self.parts)
 
+    def bypass_ops(self) -> int:
+        return sum(self._part(n).bypass_ops() for n in self.parts)
+
+    def delta_ops(self) -> int:
+        return sum(self._part(n).delta_ops() for n in self.parts)
+
     # ---- bookkeeping ---------------------------------------------------------------------------------------------
     def mpc_factors(self):
         factors = [f for n in self.parts for f in (self._part(n).mpc_factors() or [])]

@@ -120,6 +120,12 @@ class ScalingAdapter(Adapter):
     def delta_macs(self) -> int:
         return math.prod(self.site.weight_shape) * (int(self.scale_out) + int(self.scale_in))
 
+    def bypass_ops(self) -> int:  # elementwise scalings of the output, no matmul
+        return 0
+
+    def delta_ops(self) -> int:
+        return 0
+
     def bypass_macs(self, x_shape: Sequence[int]) -> Optional[int]:
         if not self.has_bypass:
             return None

@@ -113,5 +113,11 @@ class BitFitAdapter(Adapter):
     def bypass(self, x: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return out + channel_view(self.site, self.delta_b.to(out.dtype), out.dim())
 
+    def bypass_ops(self) -> int:  # an add, no matmul
+        return 0
+
+    def delta_ops(self) -> int:
+        return 0
+
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         return output_positions(self.site, x_shape) * self.site.out_features

@@ -93,17 +93,20 @@ def tucker_weight(core: torch.Tensor, factors: Sequence[torch.Tensor], modes: Op
 
 def flora_delta_weight(core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
     """ΔW = s · G ×_1 A^(1) ... ×_N A^(N), shape (I_1, ..., I_N)."""
-    return scale * tucker_weight(core, factors)
+    # s scales the (tiny) core, not the |W|-sized result: one fewer pass over ΔW, forward and backward
+    return tucker_weight(core if scale == 1.0 else scale * core, factors)
 
 
 def flora_bypass(site: Site, x: torch.Tensor, core: torch.Tensor, factors: Sequence[torch.Tensor],
                  scale: float) -> torch.Tensor:
     """ΔW applied to ``x`` without building ΔW: returns s · op(x, ΔW), same shape as the layer output."""
     core, factors = core.to(x.dtype), [f.to(x.dtype) for f in factors]
+    if scale != 1.0:  # on the core, not on the activation-sized output
+        core = scale * core
     if site.kind == 'linear':
         z = pointwise(site, x, factors[1].t())              # (..., r_in)
         z = pointwise(site, z, core)                        # (..., r_out)
-        return scale * pointwise(site, z, factors[0])      # (..., out)
+        return pointwise(site, z, factors[0])              # (..., out)
     g = site.groups
     # r_in = in/g (RGB stems, depthwise convs): the projection would not reduce anything, so fold A^(2) into the
     # kernel instead of running a full-resolution 1×1 conv (same result: the 1×1 commutes with padding)
@@ -115,7 +118,7 @@ def flora_bypass(site: Site, x: torch.Tensor, core: torch.Tensor, factors: Seque
     if g > 1:  # (a repeat with g == 1 would only copy the kernel and add an autograd node)
         kernel = kernel.repeat(g, *([1] * (kernel.dim() - 1)))
     z = run_op(site, x, kernel, groups=g)                               # layer geometry, g·r_out channels
-    return scale * pointwise(site, z, factors[0], groups=g)             # (N, out, *S')
+    return pointwise(site, z, factors[0], groups=g)                     # (N, out, *S')
 
 
 def flora_bypass_macs(site: Site, x_shape: Sequence[int], ranks: Sequence[int]) -> int:
@@ -167,6 +170,12 @@ class FLoRAAdapter(Adapter):
 
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         return flora_bypass_macs(self.site, x_shape, self.ranks)
+
+    def bypass_ops(self) -> int:  # down, core (the spatial conv), up; a conv whose r_in = in/g folds the down
+        return 2 if self.site.is_conv and self.ranks[1] == self.site.in_features else 3
+
+    def delta_ops(self) -> int:  # one mode product per weight dimension
+        return len(self.ranks)
 
     def mpc_factors(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """A = A^(2)ᵀ (r_in, in/groups) on the input side, B = A^(1) (out, r_out) on the output side."""

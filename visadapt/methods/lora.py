@@ -68,7 +68,7 @@ def lora_shapes(site: Site, r: int, conv_form: str) -> Tuple[Tuple[int, ...], Tu
 
 def lora_delta_weight(site: Site, A: torch.Tensor, B: torch.Tensor, scale: float, conv_form: str) -> torch.Tensor:
     """ΔW = scale · B A in the layer's weight layout."""
-    delta = scale * (B @ A.flatten(1))
+    delta = (B if scale == 1.0 else scale * B) @ A.flatten(1)   # scale the small factor, not ΔW
     if site.kind == 'linear' or conv_form == 'chain':
         return delta.reshape(site.weight_shape)
     out, cin, k = site.out_features, site.in_features, site.kernel_size
@@ -83,12 +83,14 @@ def lora_bypass(site: Site, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
     ``act`` (MPC_n) is applied between the two: scale · B act(A x).
     """
     A, B = A.to(x.dtype), B.to(x.dtype)
+    if scale != 1.0:  # on B (out × r), not on the activation-sized output; act comes before B, so it commutes
+        B = scale * B
     if site.kind == 'linear':
         z = pointwise(site, x, A)
-        return scale * pointwise(site, z if act is None else act(z), B)
+        return pointwise(site, z if act is None else act(z), B)
     g = site.groups
     z = run_op(site, x, A if g == 1 else A.repeat(g, *([1] * (A.dim() - 1))), groups=g)
-    return scale * pointwise(site, z if act is None else act(z), B, groups=g)
+    return pointwise(site, z if act is None else act(z), B, groups=g)
 
 
 # ---- the adapter ----------------------------------------------------------------------------------------------------

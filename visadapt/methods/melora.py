@@ -74,28 +74,30 @@ def melora_shapes(site: Site, r: int, n: int) -> Tuple[Tuple[int, ...], Tuple[in
 
 def melora_delta_weight(site: Site, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """ΔW = scale · blockdiag_i(B_{g,i} A_i) per group, in the layer's weight layout (no loop over blocks)."""
-    blocks = torch.einsum('gnor,nrc->gnoc', B, A.flatten(2))        # (g, n, O, C·Πk): the diagonal blocks
+    blocks = torch.einsum('gnor,nrc->gnoc', B if scale == 1.0 else scale * B, A.flatten(2))        # (g, n, O, C·Πk): the diagonal blocks
     full = torch.diag_embed(blocks.permute(0, 2, 3, 1))              # (g, O, C·Πk, n, n), zero off the diagonal
     full = full.permute(0, 3, 1, 4, 2)                               # (g, n, O, n', C·Πk)
-    return scale * full.reshape(site.weight_shape)
+    return full.reshape(site.weight_shape)
 
 
 def melora_bypass(site: Site, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
                   act=None) -> torch.Tensor:
     """scale · op(x, ΔW) through the blocks: per block B_i act(A_i x_i), same shape as the layer output."""
     A, B = A.to(x.dtype), B.to(x.dtype)
+    if scale != 1.0:  # on B, not on the activation-sized output (act comes before B)
+        B = scale * B
     n, r = A.shape[0], A.shape[1]
     if site.kind == 'linear':
         z = torch.einsum('...nc,nrc->...nr', x.unflatten(-1, (n, -1)), A)
         z = z if act is None else act(z)
-        return scale * torch.einsum('...nr,nor->...no', z, B[0]).flatten(-2)
+        return torch.einsum('...nr,nor->...no', z, B[0]).flatten(-2)
     g = site.groups
     kernel = A.reshape(n * r, *A.shape[2:])                                     # (n·r, in/(g·n), *k)
     if g > 1:  # shared by the layer's groups: (g·n·r, in/(g·n), *k)
         kernel = kernel.repeat(g, *([1] * (A.dim() - 2)))
     z = run_op(site, x, kernel, groups=g * n)
     z = z if act is None else act(z)
-    return scale * pointwise(site, z, B.reshape(-1, r), groups=g * n)
+    return pointwise(site, z, B.reshape(-1, r), groups=g * n)
 
 
 # ---- the adapter ----------------------------------------------------------------------------------------------------

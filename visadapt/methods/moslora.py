@@ -62,5 +62,11 @@ class MoSLoRAAdapter(LoRAAdapter):
     def bypass(self, x: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return out + lora_bypass(self.site, x, self.A, self._up(), self.scale, self.mpc_act)
 
+    def bypass_ops(self) -> int:  # B M once, then the A → (B M) chain
+        return 3
+
+    def delta_ops(self) -> int:
+        return 2
+
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         return super().bypass_macs(x_shape) + self.B.numel() * self.M.shape[0]

@@ -162,6 +162,12 @@ class SeRAAdapter(MPCAdapterMixin, Adapter):
     def bypass(self, x: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return out + sera_bypass(x, self.A, self.C, self.B, self.alpha, self.mpc_act)
 
+    def bypass_ops(self) -> int:  # A, C, B
+        return 3
+
+    def delta_ops(self) -> int:
+        return 2
+
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         return math.prod(x_shape[:-1]) * (self.A.numel() + self.C.numel() + self.B.numel())
 

@@ -323,6 +323,12 @@ class SVFTAdapter(Adapter):
                              diagonal=self.diagonal).flatten(1, 2)
         return out + pointwise(site, z, U, groups=g)                                      # (N, out, *S')
 
+    def bypass_ops(self) -> int:  # [M] Vᵀ, M (folded or on the activations), U
+        return 3
+
+    def delta_ops(self) -> int:
+        return 1 if self.diagonal else 2
+
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         out_f, in_f = self.site.matrix_shape()
         positions, g = output_positions(self.site, x_shape), self.site.groups
