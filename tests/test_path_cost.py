@@ -22,7 +22,7 @@ def _adapter(layer: nn.Module, config: visadapt.AdapterConfig):
 def _choice(adapter, x_shape, training=True) -> str:
     adapter._path_cache.clear()
     with torch.set_grad_enabled(training):
-        return 'bypass' if adapter.use_bypass(torch.randn(x_shape)) else 'weight'
+        return 'bypass' if adapter.use_bypass(torch.randn(x_shape, requires_grad=training)) else 'weight'
 
 
 def test_per_call_cost_keeps_tiny_conv_chains_on_the_weight_path():
@@ -47,6 +47,23 @@ def test_linear_chains_pay_the_cheaper_matmul_call():
     assert CPU.bypass_cost(linear, shape_linear, True) < CPU.bypass_cost(conv, shape_conv, True)
 
 
+def test_input_gradient_pass_only_when_the_input_needs_one():
+    """A stem reading images (no input gradient) skips the chain's input-gradient pass; a conv reading ≤ 4 channels
+    pays ``narrow_input_grad`` for it (mkldnn's input gradient of an RGB conv ran 5× its forward)."""
+    stem = _adapter(nn.Conv2d(3, 384, 16, stride=16), visadapt.SVFTConfig(pattern='banded', off_diag=16))
+    shape = (4, 3, 96, 96)
+    one = CPU.bypass_cost(stem, shape, training=False)
+    assert CPU.bypass_cost(stem, shape, True, input_grad=False) == pytest.approx(2 * one)
+    assert CPU.bypass_cost(stem, shape, True, input_grad=True) == pytest.approx((2 + CPU.narrow_input_grad) * one)
+    wide = _adapter(nn.Conv2d(64, 64, 3), visadapt.FLoRAConfig(r=8))
+    assert CPU.bypass_cost(wide, (2, 64, 8, 8), True) == pytest.approx(3 * CPU.bypass_cost(wide, (2, 64, 8, 8), False))
+    # ViT-S's patch embedding at 4×96² (measured per layer step: weight 12.5 ms, bypass 14.6 ms with an input
+    # gradient): the weight path with an input gradient, the chain for a stem reading images
+    x = torch.randn(shape)
+    assert not stem.use_bypass(x.requires_grad_(True))
+    assert stem.use_bypass(x.detach())
+
+
 def test_costs_decompose_as_documented():
     adapter = _adapter(nn.Conv2d(64, 128, 3, padding=1), visadapt.FLoRAConfig(r=8, r3=2))
     shape = (2, 64, 16, 16)
@@ -67,7 +84,7 @@ def test_models_are_per_device_type_and_replaceable():
     adapter = _adapter(nn.Linear(256, 256), visadapt.FLoRAConfig(r=8))
     x = torch.randn(4, 50, 256, requires_grad=True)
     adapter.use_bypass(x)
-    assert (tuple(x.shape), 'cpu', True) in adapter._path_cache   # the choice is cached per shape, device, mode
+    assert (tuple(x.shape), 'cpu', True, True) in adapter._path_cache   # per shape, device, mode, input grad
     try:
         set_cost_model('cpu', PathCost(conv_op_macs=0, matmul_op_macs=1e15))   # calls made absurdly expensive
         assert _choice(adapter, (4, 50, 256)) == 'weight'                        # 2 matmuls to build < 3 per pass

@@ -104,10 +104,11 @@ class Adapter(nn.Module):
         if self.forward_path == 'weight' or not self.has_bypass:
             return False
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        key = (tuple(x.shape), x.device.type, training)
+        input_grad = torch.is_grad_enabled() and x.requires_grad
+        key = (tuple(x.shape), x.device.type, training, input_grad)
         choice = self._path_cache.get(key)
         if choice is None:
-            choice = cost_model(x.device.type).prefers_bypass(self, x.shape, training)
+            choice = cost_model(x.device.type).prefers_bypass(self, x.shape, training, input_grad)
             self._path_cache[key] = choice
         return choice
 
