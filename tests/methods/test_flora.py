@@ -246,3 +246,32 @@ def test_adapter_params_are_fp32_on_the_base_device_and_trainable():
     assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params.values())
     model2, adapter2 = _layer_adapter(nn.Conv2d(8, 16, 3).to(torch.bfloat16), r=4, adapter_dtype='base')
     assert all(p.dtype == torch.bfloat16 for p in adapter_params(model2).values())
+
+
+@pytest.mark.parametrize('layer_factory,x_shape', [
+    (lambda: nn.Linear(48, 40), (2, 7, 48)),
+    (lambda: nn.Conv2d(32, 24, 1), (2, 32, 6, 6)),
+    (lambda: nn.Conv2d(32, 24, 1, stride=2, padding=1, groups=2, padding_mode='reflect'), (2, 32, 7, 5)),
+    (lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1), (2, 16, 9, 9)),
+    (lambda: nn.Conv2d(16, 16, 3, padding=1, groups=16), (2, 16, 6, 6)),
+], ids=['linear', '1x1', '1x1-strided-padded-grouped-reflect', '3x3-strided', 'depthwise'])
+def test_bypass_macs_are_the_measured_flops_and_paths_agree(layer_factory, x_shape):
+    """The two-op chain of Linears/1×1 convs (core folded into the up factor, down in the layer's geometry) and the
+    three-op chain of k×k convs: ``bypass_macs`` is what they run, and they equal the weight path."""
+    from flop_count import measured_flops
+    x = torch.randn(x_shape)
+    shared = layer_flops(layer_factory(), x_shape, training=False)
+    outputs = {}
+    for path in ('weight', 'bypass'):
+        torch.manual_seed(0)
+        model, adapter = _layer_adapter(layer_factory(), r=4, r3=2, scale=2.0, forward_path=path)
+        randomize_adapters(model)
+        if path == 'bypass':
+            with torch.no_grad():
+                assert measured_flops(lambda: model[0](x)) - shared == 2 * adapter.bypass_macs(x_shape)
+        out = model[0](x)
+        out.square().sum().backward()
+        outputs[path] = out.detach(), [p.grad.clone() for p in adapter.parameters()]
+    torch.testing.assert_close(outputs['bypass'][0], outputs['weight'][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outputs['bypass'][1], outputs['weight'][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

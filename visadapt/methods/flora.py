@@ -20,7 +20,9 @@ Trainable parameters per layer: Σ_n I_n·J_n + Π_n J_n, e.g. a 3×3 conv 64→
 Two forward paths with equal results: build ΔW and run one op with W + ΔW ("weight"), or a factorized chain
 ("bypass"): a grouped 1×1 projection to r channels per group, a grouped k×k conv with the core (in the layer's own
 stride/padding/dilation/padding_mode), and a grouped 1×1 expansion (when r equals in/groups, e.g. RGB stems and
-depthwise convs, the projection is folded into the k×k kernel). The core picks the cheaper one per input shape.
+depthwise convs, the projection is folded into the k×k kernel). For Linears and 1×1 convs the chain has two
+activation ops, like LoRA's: the projection (in the layer's geometry) and the expansion by A^(1) G, the core folded
+into the up factor once per call. The core picks the cheaper path per input shape (visadapt.path_cost).
 """
 from __future__ import annotations
 
@@ -103,11 +105,17 @@ def flora_bypass(site: Site, x: torch.Tensor, core: torch.Tensor, factors: Seque
     core, factors = core.to(x.dtype), [f.to(x.dtype) for f in factors]
     if scale != 1.0:  # on the core, not on the activation-sized output
         core = scale * core
-    if site.kind == 'linear':
+    if site.kind == 'linear':  # the core folded into the up factor (out·r_out·r_in MACs once): two activation ops
         z = pointwise(site, x, factors[1].t())              # (..., r_in)
-        z = pointwise(site, z, core)                        # (..., r_out)
-        return pointwise(site, z, factors[0])              # (..., out)
+        return pointwise(site, z, factors[0] @ core)       # (..., out)
     g = site.groups
+    if _pointwise_chain(site, core):
+        # 1×1 kernels: the down projection runs with the layer's geometry (stride, padding) and the core (with its
+        # 1×1 kernel-mode factors) folds into the up factor: two convs instead of three, as LoRA
+        down = factors[1].t().reshape(core.shape[1], site.in_features, *([1] * site.ndim))
+        z = run_op(site, x, down if g == 1 else down.repeat(g, *([1] * (down.dim() - 1))), groups=g)
+        up = factors[0] @ tucker_weight(core, factors, modes=range(2, core.dim())).flatten(1)   # (out, r_in)
+        return pointwise(site, z, up, groups=g)                                               # (N, out, *S')
     # r_in = in/g (RGB stems, depthwise convs): the projection would not reduce anything, so fold A^(2) into the
     # kernel instead of running a full-resolution 1×1 conv (same result: the 1×1 commutes with padding)
     fold = core.shape[1] == site.in_features
@@ -121,22 +129,38 @@ def flora_bypass(site: Site, x: torch.Tensor, core: torch.Tensor, factors: Seque
     return pointwise(site, z, factors[0], groups=g)                     # (N, out, *S')
 
 
-def flora_bypass_macs(site: Site, x_shape: Sequence[int], ranks: Sequence[int]) -> int:
-    r_out, r_in = ranks[0], ranks[1]
-    if site.kind == 'linear':
-        return input_positions(site, x_shape) * (site.in_features * r_in + r_in * r_out + r_out * site.out_features)
-    g = site.groups
-    project = 0 if r_in == site.in_features else input_positions(site, x_shape) * g * site.in_features * r_in
-    return project + output_positions(site, x_shape) * (g * r_out * r_in * math.prod(site.kernel_size)
-                                                        + site.out_features * r_out)
+def _pointwise_chain(site: Site, core: torch.Tensor) -> bool:
+    """A conv with 1×1 kernels whose in-factor reduces the channels: run the two-op chain (down, core·up)."""
+    return all(k == 1 for k in site.kernel_size) and core.shape[1] < site.in_features
 
 
-def flora_delta_macs(weight_shape: Sequence[int], ranks: Sequence[int]) -> int:
-    size, macs = list(ranks), 0
-    for n in sorted(range(len(ranks)), reverse=True):
+def _mode_products_macs(shape: Sequence[int], weight_shape: Sequence[int], modes: Sequence[int]) -> int:
+    """MACs of :func:`tucker_weight` on a core of ``shape`` over ``modes`` (last mode first, as it runs)."""
+    size, macs = list(shape), 0
+    for n in sorted(modes, reverse=True):
         macs += math.prod(size) * weight_shape[n]
         size[n] = weight_shape[n]
     return macs
+
+
+def flora_bypass_macs(site: Site, x_shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """MACs of :func:`flora_bypass`, the per-call work on the factors included."""
+    r_out, r_in, ws = ranks[0], ranks[1], site.weight_shape
+    fold_core = site.out_features * r_out * r_in                    # up = A^(1) G
+    if site.kind == 'linear':
+        return input_positions(site, x_shape) * (site.in_features + site.out_features) * r_in + fold_core
+    g, positions = site.groups, output_positions(site, x_shape)
+    kernel_modes = _mode_products_macs(ranks, ws, range(2, len(ranks)))
+    if all(k == 1 for k in site.kernel_size) and r_in < site.in_features:
+        return positions * (g * site.in_features + site.out_features) * r_in + kernel_modes + fold_core
+    fold_in = r_in == site.in_features
+    kernel = _mode_products_macs(ranks, ws, range(1 if fold_in else 2, len(ranks)))
+    project = 0 if fold_in else input_positions(site, x_shape) * g * site.in_features * r_in
+    return kernel + project + positions * (g * r_out * r_in * math.prod(site.kernel_size) + site.out_features * r_out)
+
+
+def flora_delta_macs(weight_shape: Sequence[int], ranks: Sequence[int]) -> int:
+    return _mode_products_macs(ranks, weight_shape, range(len(ranks)))
 
 
 # ---- the adapter ----------------------------------------------------------------------------------------------------
@@ -171,8 +195,15 @@ class FLoRAAdapter(Adapter):
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         return flora_bypass_macs(self.site, x_shape, self.ranks)
 
-    def bypass_ops(self) -> int:  # down, core (the spatial conv), up; a conv whose r_in = in/g folds the down
-        return 2 if self.site.is_conv and self.ranks[1] == self.site.in_features else 3
+    def bypass_ops(self) -> int:
+        """Linear: down, up (+ the tiny A^(1) G); 1×1 conv: the same; other convs: down, core (the spatial conv),
+        up, or two when r_in = in/g folds the down into the kernel."""
+        site = self.site
+        if site.kind == 'linear':
+            return 3
+        if self.ranks[1] == site.in_features or all(k == 1 for k in site.kernel_size):
+            return 2
+        return 3
 
     def delta_ops(self) -> int:  # one mode product per weight dimension
         return len(self.ranks)
