@@ -3,7 +3,7 @@
 #   make test   the test suite (every extra installed, so integration tests run too)
 PY := .venv/bin/python
 
-.PHONY: demo test test-slow setup setup-demo
+.PHONY: demo test test-slow bench setup setup-demo
 setup-demo:
 	bash tools/setup_env.sh demo
 setup:
@@ -18,3 +18,10 @@ test: setup
 # tests marked @pytest.mark.slow (excluded from `make test`); exit status 5 means none are marked today
 test-slow: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m slow tests || [ $$? -eq 5 ]
+
+# the benchmark (docs/bench.md): every method vs the frozen base, PEFT LoRA and LyCORIS on five models; about 13
+# minutes on 2 CPU cores. BENCH_OUT=docs/assets/bench rewrites the committed results.
+BENCH_OUT ?= out/bench
+bench: setup
+	$(PY) tools/bench.py --models convnext_tiny@4x96,efficientnet_lite0@8x96,vit_small@4x96,unet_down@1x64,convnext_atto@8x96 \
+		--rank 8 --warmup 1 --steps 10 --layer-time 0.1 --out $(BENCH_OUT)

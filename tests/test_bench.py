@@ -29,7 +29,7 @@ METHODS = ['base', 'limit', 'peft', 'lycoris-locon', 'lycoris-tucker-bypass', 'F
 CONFIG_KEYS = {'name', 'kind', 'trainable', 'step_ms', 'step_ms_all', 'step_vs_base', 'step_vs_peft', 'peak_mb',
                'static_mb', 'peak_vs_base', 'peak_vs_peft', 'infer_ms', 'infer_vs_base', 'top_ops', 'notes'}
 PATH_KEYS = {'method', 'layer', 'n_layers', 'weight_shape', 'groups', 'input_shape', 'weight_ms', 'bypass_ms',
-             'auto_ms', 'auto_path', 'best_path', 'auto_vs_best', 'chosen_vs_best', 'ok'}
+             'auto_path', 'best_path', 'chosen_vs_best', 'ok'}
 
 
 @pytest.fixture(scope='module')
