@@ -195,7 +195,9 @@ def svft_m(values: torch.Tensor, indices: torch.Tensor, p: int) -> torch.Tensor:
     The products with M run densely: a p×p GEMM beats gathering and scattering the k entries on CPU and GPU even at
     5% fill (an index_select over the activations also materializes positions × k elements), see docs/bench.md.
     """
-    return values.new_zeros(p * p).index_add(0, indices[0] * p + indices[1], values).view(p, p)
+    dense = values.new_zeros(p * p)
+    dense.index_put_((indices[0] * p + indices[1],), values)  # in place on the fresh buffer: no clone of p² zeros
+    return dense.view(p, p)
 
 
 def svft_um(U: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, diagonal: bool = False) -> torch.Tensor:
