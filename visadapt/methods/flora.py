@@ -196,14 +196,9 @@ class FLoRAAdapter(Adapter):
         return flora_bypass_macs(self.site, x_shape, self.ranks)
 
     def bypass_ops(self) -> int:
-        """Linear: down, up (+ the tiny A^(1) G); 1×1 conv: the same; other convs: down, core (the spatial conv),
-        up, or two when r_in = in/g folds the down into the kernel."""
-        site = self.site
-        if site.kind == 'linear':
-            return 3
-        if self.ranks[1] == site.in_features or all(k == 1 for k in site.kernel_size):
-            return 2
-        return 3
+        """Linears and 1×1 convs: down, A^(1) G, up; other convs: down, core (the spatial conv), up, or two calls
+        when r_in = in/g folds the down into the kernel."""
+        return 2 if self.site.is_conv and self.ranks[1] == self.site.in_features else 3
 
     def delta_ops(self) -> int:  # one mode product per weight dimension
         return len(self.ranks)
