@@ -74,7 +74,8 @@ def melora_shapes(site: Site, r: int, n: int) -> Tuple[Tuple[int, ...], Tuple[in
 
 def melora_delta_weight(site: Site, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """ΔW = scale · blockdiag_i(B_{g,i} A_i) per group, in the layer's weight layout (no loop over blocks)."""
-    blocks = torch.einsum('gnor,nrc->gnoc', B if scale == 1.0 else scale * B, A.flatten(2))        # (g, n, O, C·Πk): the diagonal blocks
+    B = B if scale == 1.0 else scale * B                             # the small factor, not the |W|-sized result
+    blocks = torch.einsum('gnor,nrc->gnoc', B, A.flatten(2))        # (g, n, O, C·Πk): the diagonal blocks
     full = torch.diag_embed(blocks.permute(0, 2, 3, 1))              # (g, O, C·Πk, n, n), zero off the diagonal
     full = full.permute(0, 3, 1, 4, 2)                               # (g, n, O, n', C·Πk)
     return full.reshape(site.weight_shape)
