@@ -109,7 +109,7 @@ def flora_bypass(site: Site, x: torch.Tensor, core: torch.Tensor, factors: Seque
         z = pointwise(site, x, factors[1].t())              # (..., r_in)
         return pointwise(site, z, factors[0] @ core)       # (..., out)
     g = site.groups
-    if _pointwise_chain(site, core):
+    if _pointwise_chain(site, core.shape[1]):
         # 1×1 kernels: the down projection runs with the layer's geometry (stride, padding) and the core (with its
         # 1×1 kernel-mode factors) folds into the up factor: two convs instead of three, as LoRA
         down = factors[1].t().reshape(core.shape[1], site.in_features, *([1] * site.ndim))
@@ -129,9 +129,9 @@ def flora_bypass(site: Site, x: torch.Tensor, core: torch.Tensor, factors: Seque
     return pointwise(site, z, factors[0], groups=g)                     # (N, out, *S')
 
 
-def _pointwise_chain(site: Site, core: torch.Tensor) -> bool:
+def _pointwise_chain(site: Site, r_in: int) -> bool:
     """A conv with 1×1 kernels whose in-factor reduces the channels: run the two-op chain (down, core·up)."""
-    return all(k == 1 for k in site.kernel_size) and core.shape[1] < site.in_features
+    return all(k == 1 for k in site.kernel_size) and r_in < site.in_features
 
 
 def _mode_products_macs(shape: Sequence[int], weight_shape: Sequence[int], modes: Sequence[int]) -> int:
@@ -151,7 +151,7 @@ def flora_bypass_macs(site: Site, x_shape: Sequence[int], ranks: Sequence[int]) 
         return input_positions(site, x_shape) * (site.in_features + site.out_features) * r_in + fold_core
     g, positions = site.groups, output_positions(site, x_shape)
     kernel_modes = _mode_products_macs(ranks, ws, range(2, len(ranks)))
-    if all(k == 1 for k in site.kernel_size) and r_in < site.in_features:
+    if _pointwise_chain(site, r_in):
         return positions * (g * site.in_features + site.out_features) * r_in + kernel_modes + fold_core
     fold_in = r_in == site.in_features
     kernel = _mode_products_macs(ranks, ws, range(1 if fold_in else 2, len(ranks)))
