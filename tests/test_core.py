@@ -225,12 +225,17 @@ def test_train_module_holding_another_adapters_layer_is_saved_without_it(tmp_pat
 
 
 # ---- enable / disable ------------------------------------------------------------------------------------------------
-def test_disable_enable_and_context_manager():
+def _flora_cnn():
+    """The small CNN with a trained-looking FLoRA adapter: (model, base output, adapted output)."""
     model = small_cnn()
     base = _out(model)
     visadapt.inject(model, visadapt.FLoRAConfig(r=2, scale=2.0))
     randomize_adapters(model)
-    adapted = _out(model)
+    return model, base, _out(model)
+
+
+def test_disable_enable_and_context_manager():
+    model, base, adapted = _flora_cnn()
     assert not torch.allclose(adapted, base)
     visadapt.disable_adapter(model)
     assert torch.equal(_out(model), base)
@@ -266,11 +271,7 @@ def test_disable_merged_adapter_unmerges_it():
 
 
 def test_adapters_disabled_context_remerges_merged_adapters():
-    model = small_cnn()
-    base = _out(model)
-    visadapt.inject(model, visadapt.FLoRAConfig(r=2, scale=2.0))
-    randomize_adapters(model)
-    adapted = _out(model)
+    model, base, adapted = _flora_cnn()
     visadapt.merge(model)
     with visadapt.adapters_disabled(model):
         torch.testing.assert_close(_out(model), base, rtol=1e-5, atol=1e-6)
