@@ -1,7 +1,6 @@
-"""visadapt.analysis and tools/analyze_adapters.py on adapters trained for real (sklearn digits, timm backbone)."""
+"""visadapt.core.analysis and visadapt-analyze (visadapt.apps.analyze) on adapters trained for real (sklearn digits, timm backbone)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import visadapt
-from visadapt.analysis import amplification_factor, analyze, delta_weight, subspace_similarity
+from visadapt.core.analysis import amplification_factor, analyze, delta_weight, subspace_similarity
 from visadapt_testing import TinyNet, randomize_adapters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +72,7 @@ def _digits(n: int = 160):
 
 
 def _base() -> nn.Module:
-    from visadapt.timm import create_model
+    from visadapt.integrations.timm_models import create_model
     torch.manual_seed(0)  # the command rebuilds the same random-init base with --seed 0
     return create_model('efficientnet_lite0', pretrained=False, num_classes=10).eval()
 
@@ -99,20 +98,17 @@ def trained(tmp_path_factory):
     return root
 
 
-TOOL = os.path.join(ROOT, 'tools', 'analyze_adapters.py')
-
-
 def _run(*args: str) -> subprocess.CompletedProcess:
+    """The installed command (``visadapt-analyze`` is ``python -m visadapt.apps.analyze``)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', MPLBACKEND='Agg')
-    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    return subprocess.run([sys.executable, '-m', 'visadapt.apps.analyze', *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=env)
 
 
 def _main(*args: str):
     """The command's main() in this process (saves the interpreter start-up; the subprocess test covers the CLI)."""
-    spec = importlib.util.spec_from_file_location('analyze_adapters', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(list(args))
+    from visadapt.apps import analyze
+    return analyze.main(list(args))
 
 
 def test_command_on_two_trained_adapters(trained, tmp_path):

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import visadapt
-from visadapt.layer import iter_adapted
+from visadapt.core.layer import iter_adapted
 from visadapt_testing import TinyNet, adapter_params, assert_unchanged, method_config, randomize_adapters, \
     small_cnn, state_snapshot
 

@@ -1,29 +1,16 @@
-"""Smoke test of tools/bench.py: a --quick run on ConvNeXt-atto checks the outputs' schema and the merge check.
+"""Smoke test of visadapt-bench (visadapt.apps.bench): a --quick run on ConvNeXt-atto checks the outputs' schema and the merge check.
 
 Timings are never asserted (performance is measured by the benchmark, not by tests).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location('visadapt_bench', os.path.join(ROOT, 'tools', 'bench.py'))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+from visadapt.apps import bench
 
 METHODS = ['base', 'limit', 'peft', 'lycoris-locon', 'lycoris-tucker-bypass', 'FLoRA', 'LoRA', 'SVFT', 'BitFit']
 CONFIG_KEYS = {'name', 'kind', 'trainable', 'step_ms', 'step_ms_all', 'step_vs_base', 'step_vs_peft', 'peak_mb',

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import visadapt
-from visadapt.tuner import get_injection
+from visadapt.core.tuner import get_injection
 from visadapt_testing import adapter_params, assert_unchanged, method_config, randomize_adapters, \
     small_cnn, state_snapshot
 
@@ -158,7 +158,7 @@ def test_method_build_error_names_the_layer_and_changes_nothing():
 
 def test_failure_while_attaching_rolls_back(monkeypatch):
     """Even an unexpected error in the modifying phase (here: the third attach) leaves no half-injected model."""
-    import visadapt.tuner as tuner
+    import visadapt.core.tuner as tuner
     model = small_cnn()
     visadapt.inject(model, visadapt.LoRAConfig(r=2, include=['pw'], train_modules=['head']), name='first')
     before = state_snapshot(model)

@@ -14,8 +14,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import visadapt
-from visadapt.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
-from visadapt.tuner import get_injection
+from visadapt.core.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
+from visadapt.core.tuner import get_injection
 from visadapt_testing import SmallCNN, assert_unchanged, randomize_adapters, small_cnn, state_snapshot
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
@@ -226,7 +226,7 @@ def test_failed_save_leaves_previous_files_intact_and_no_temp_files(saved, monke
     previous = _dir_bytes(directory)
     with torch.no_grad():
         model.pw.visadapt['default'].G.add_(1.0)
-    import visadapt.io as vio
+    import visadapt.core.io as vio
     if fail == 'replace':
         def boom(*args, **kwargs):
             raise OSError('disk full (simulated)')

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import visadapt
-from visadapt.mpc import attach_regularizer, detach_regularizer, mpc_loss
+from visadapt.methods.mpc import attach_regularizer, detach_regularizer, mpc_loss
 from visadapt_testing import TinyNet, assert_unchanged, randomize_adapters, small_cnn, state_snapshot
 
 MPC_CONFIGS = [

@@ -1,4 +1,4 @@
-"""visadapt.path_cost: the fitted per-call and traffic charges change the choice where they should, per device."""
+"""visadapt.core.path_cost: the fitted per-call and traffic charges change the choice where they should, per device."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 import visadapt
-from visadapt import path_cost
-from visadapt.path_cost import CPU, PathCost, cost_model, set_cost_model
+from visadapt.core import path_cost
+from visadapt.core.path_cost import CPU, PathCost, cost_model, set_cost_model
 from visadapt_testing import flop_only_cost_model
 
 
@@ -100,6 +100,6 @@ def test_models_are_per_device_type_and_replaceable():
 def test_set_cost_model_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         set_cost_model('cpu', PathCost(**bad))
-    with pytest.raises(TypeError, match='needs a visadapt.path_cost.PathCost, got dict'):
+    with pytest.raises(TypeError, match='needs a visadapt.core.path_cost.PathCost, got dict'):
         set_cost_model('cpu', {'conv_op_macs': 1})
     assert cost_model('cpu') is CPU

@@ -11,10 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import visadapt
-from visadapt.layer import iter_adapted
+from visadapt.core.layer import iter_adapted
 from visadapt.methods.svft import svft_bases, svft_num_params
-from visadapt.site import base_weight
-from visadapt.slices import SlicedAdapter
+from visadapt.core.site import base_weight
+from visadapt.core.slices import SlicedAdapter
 from visadapt_testing import adapter_params, assert_unchanged, method_config, randomize_adapters, state_snapshot
 
 CONFIGS = {

@@ -130,7 +130,7 @@ def load_tool(name: str):
 def flop_only_cost_model() -> Iterator[None]:
     """The path choice on CPU counting multiply-accumulates only (no per-call or memory-traffic charges), for tests
     whose expectation is the path with measurably fewer FLOPs."""
-    from visadapt import path_cost
+    from visadapt.core import path_cost
     before = path_cost.cost_model('cpu')
     path_cost.set_cost_model('cpu', path_cost.PathCost(bypass_elem_macs=0, weight_elem_macs=0, conv_op_macs=0,
                                                         matmul_op_macs=0))

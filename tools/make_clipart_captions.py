@@ -34,9 +34,9 @@ from typing import Dict, List, Optional
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from visadapt.clipart import CLIPART_ROOT, to_square_rgb  # noqa: E402
-from visadapt.io import atomic_write_bytes  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/ helpers
+from clipart import CLIPART_ROOT, to_square_rgb  # noqa: E402
+from visadapt.core.io import atomic_write_bytes  # noqa: E402
 
 SKIP_CATEGORIES = ('special', 'unsorted')
 MAX_PIXELS = 4096 * 4096  # a few sources are huge posters; skip them rather than decode 100+ MB

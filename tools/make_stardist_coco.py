@@ -43,7 +43,7 @@ CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'visadapt', 'stardist')
 
 def _atomic_write(path: str, data: bytes) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from visadapt.io import atomic_write_bytes
+    from visadapt.core.io import atomic_write_bytes
     atomic_write_bytes(path, data)
 
 

@@ -6,26 +6,25 @@ The public API::
     ...train...
     visadapt.save_adapter(model, 'out/adapter')
     visadapt.merge(model)      # inference at exactly the base model's cost
+
+Layers: :mod:`visadapt.core` (mechanisms), :mod:`visadapt.methods` (one file per method), :mod:`visadapt.integrations`
+(timm, OpenMMLab, diffusers, open_clip, PEFT glue) and :mod:`visadapt.apps` (the console scripts). Every registered
+method's config class is a top-level name (``visadapt.FLoRAConfig``, ...), derived from the registry.
 """
-__version__ = '0.1.0'
+from . import core, methods  # noqa: F401  (importing methods registers every method)
+from ._version import __version__
+from .core import (METHODS, Adapter, AdapterConfig, InjectReport, Site, adapter_names, adapter_state_dict,
+                   adapters_disabled, analysis, budget, config_from_dict, count_parameters, disable_adapter,
+                   enable_adapter, get_config_class, inject, load_adapter, load_adapter_state_dict, merge,
+                   parse_adapter_spec, register, remove, save_adapter, summary, unmerge)
+from .methods import mpc
+from .methods.mpc import regularization_loss
 
-from .config import AdapterConfig, METHODS, config_from_dict, get_config_class, register  # noqa: E402
-from .adapter import Adapter  # noqa: E402
-from .site import Site  # noqa: E402
-from .tuner import (inject, merge, unmerge, remove, enable_adapter, disable_adapter, adapters_disabled,  # noqa: E402
-                    summary, count_parameters, adapter_names, InjectReport)
-from .io import save_adapter, load_adapter, adapter_state_dict, load_adapter_state_dict  # noqa: E402
-from .methods import *  # noqa: E402,F401,F403
-from .methods import FLoRAConfig, LoRAConfig  # noqa: E402
-from .methods import (DoRAConfig, VeRAConfig, IA3Config, SSLConfig, SSBConfig, BitFitConfig, MELoRAConfig,  # noqa: E402
-                      MoSLoRAConfig, FullFinetuneConfig, HeadOnlyConfig, SeRAConfig, SVFTConfig)
-from .mpc import regularization_loss  # noqa: E402
-from . import analysis, mpc  # noqa: E402
+_CORE_NAMES = ['inject', 'merge', 'unmerge', 'remove', 'enable_adapter', 'disable_adapter', 'adapters_disabled',
+               'summary', 'save_adapter', 'load_adapter', 'adapter_state_dict', 'load_adapter_state_dict',
+               'count_parameters', 'adapter_names', 'InjectReport', 'AdapterConfig', 'Adapter', 'Site', 'METHODS',
+               'register', 'get_config_class', 'config_from_dict', 'parse_adapter_spec', 'regularization_loss',
+               'mpc', 'analysis', 'budget', 'core', 'methods', '__version__']
 
-__all__ = ['inject', 'merge', 'unmerge', 'remove', 'enable_adapter', 'disable_adapter', 'adapters_disabled',
-           'summary', 'save_adapter', 'load_adapter', 'adapter_state_dict', 'load_adapter_state_dict',
-           'count_parameters', 'adapter_names', 'InjectReport', 'AdapterConfig', 'Adapter', 'Site', 'METHODS',
-           'register', 'get_config_class', 'config_from_dict', 'FLoRAConfig', 'LoRAConfig',
-           'DoRAConfig', 'VeRAConfig', 'IA3Config', 'SSLConfig', 'SSBConfig', 'BitFitConfig', 'MELoRAConfig',
-           'MoSLoRAConfig', 'FullFinetuneConfig', 'HeadOnlyConfig', 'SeRAConfig', 'SVFTConfig', 'regularization_loss',
-           'mpc', 'analysis']
+globals().update({cls.__name__: cls for cls in METHODS.values()})
+__all__ = _CORE_NAMES + sorted(cls.__name__ for cls in METHODS.values())

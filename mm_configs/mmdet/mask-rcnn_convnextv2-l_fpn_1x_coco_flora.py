@@ -18,7 +18,7 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
 ]
 # visadapt: import the integration, use the adapter-aware runner (injects `adapter` after the pretrained weights)
-custom_imports = dict(imports=['visadapt.mm'], allow_failed_imports=False)
+custom_imports = dict(imports=['visadapt.integrations.openmmlab'], allow_failed_imports=False)
 runner_type = 'VisadaptRunner'
 pretrained = 'checkpoints/convnextv2_large.fcmae_ft_in22k_in1k.safetensors'
 

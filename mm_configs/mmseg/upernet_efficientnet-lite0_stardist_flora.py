@@ -5,7 +5,7 @@
 # then train (and evaluate mIoU on the held-out strip):
 #   python tools/mm_train.py mm_configs/mmseg/upernet_efficientnet-lite0_stardist_flora.py --work-dir work_dirs/smoke_seg
 _base_ = ['mmseg::_base_/default_runtime.py']
-custom_imports = dict(imports=['visadapt.mm'], allow_failed_imports=False)
+custom_imports = dict(imports=['visadapt.integrations.openmmlab'], allow_failed_imports=False)
 runner_type = 'VisadaptRunner'
 
 data_root = 'data/stardist/'

@@ -13,8 +13,8 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import visadapt  # noqa: E402
-from visadapt import clip as vclip  # noqa: E402
-from visadapt.retrieval import info_nce_loss, retrieval_recall, triplet_loss  # noqa: E402
+from visadapt.integrations import open_clip_models as vclip  # noqa: E402
+from visadapt.apps.retrieval import info_nce_loss, retrieval_recall, triplet_loss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -274,11 +274,7 @@ def _write_images(folder, n):
 
 
 def test_train_tool_resumes_and_saved_adapters_reproduce_metrics(tiny_config, tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('train_clip_retrieval',
-                                                  os.path.join(ROOT, 'tools', 'train_clip_retrieval.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from visadapt.apps import train_clip as tool
     data = _write_images(tmp_path, 24)
     out = str(tmp_path / 'run')
     common = ['--model_config', tiny_config, '--data', data, '--val_fraction', '0.25', '--batch_size', '6',

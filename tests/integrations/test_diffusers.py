@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 
 import visadapt
-from visadapt import diffusers as vd
+from visadapt.integrations import diffusers_pipelines as vd
 
 from visadapt_testing import load_tool as _tool  # noqa: E402
+from visadapt.apps import train_sdxl  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,7 +50,7 @@ def _train_args(model: str, data: str, out: str, steps: int, *extra: str):
 def trained(tiny_sdxl, clipart, tmp_path_factory):
     """20 steps on a fixed batch of 4 real clip-art images, with validation and every export."""
     out = str(tmp_path_factory.mktemp('run'))
-    metrics = _tool('train_sdxl_style').main(_train_args(
+    metrics = train_sdxl.main(_train_args(
         tiny_sdxl, clipart, out, 20, '--validation_prompt', 'an apple, clipart style', '--num_validation_images', '1',
         '--num_inference_steps', '2', '--export', 'kohya', 'diffusers', 'merged'))
     return out, metrics
@@ -109,7 +110,7 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny_sdxl
     resumed = str(tmp_path / 'resumed')
     os.makedirs(resumed)
     shutil.copytree(os.path.join(out, 'checkpoint-10'), os.path.join(resumed, 'checkpoint-10'))
-    metrics = _tool('train_sdxl_style').main(_train_args(tiny_sdxl, clipart, resumed, 20, '--resume_from_checkpoint',
+    metrics = train_sdxl.main(_train_args(tiny_sdxl, clipart, resumed, 20, '--resume_from_checkpoint',
                                                          'latest'))
     assert metrics['steps'] == 20 and 'fixed_batch_loss_before' not in metrics
     with open(os.path.join(out, 'loss_history.json')) as f:
@@ -117,7 +118,7 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny_sdxl
     with open(os.path.join(resumed, 'loss_history.json')) as f:
         again = json.load(f)
     assert again[:10] == full[:10] and [s for s, _ in again] == list(range(1, 21))
-    from visadapt.io import read_adapter
+    from visadapt.core.io import read_adapter
     for component, name in (('unet', 'conv'), ('unet', 'attn'), ('text_encoder', 'attn')):
         _, a = read_adapter(os.path.join(out, 'adapter', component, name))
         _, b = read_adapter(os.path.join(resumed, 'adapter', component, name))
@@ -199,7 +200,7 @@ def test_kohya_export_is_exact_in_lycoris(adapted, tiny_sdxl):
     n_convs = sum(isinstance(m, nn.Conv2d) for m in fresh.unet.modules())
     n_kxk = sum(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in fresh.unet.modules())
     # every k×k conv is a Tucker LoCon, 1×1 convs and attention projections plain LoCon/LoRA
-    n_attn = len(visadapt.tuner.get_injection(pipe.unet, 'attn').layers)
+    n_attn = len(visadapt.core.tuner.get_injection(pipe.unet, 'attn').layers)
     assert kinds == {'LoConModule-tucker': n_kxk, 'LoConModule': n_convs - n_kxk + n_attn}, kinds
     assert state['lora_unet_conv_in.lora_mid.weight'].shape == (4, 4, 3, 3)
     assert state['lora_unet_conv_in.lora_down.weight'].shape == (4, 4, 1, 1)  # r_in = min(4 channels, r=4)

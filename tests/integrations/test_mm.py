@@ -1,4 +1,4 @@
-"""visadapt.mm with the real mmdet / mmseg / mmengine code (no mocks): configs, backbone, runner, hooks, DDP.
+"""visadapt.integrations.openmmlab with the real mmdet / mmseg / mmengine code (no mocks): configs, backbone, runner, hooks, DDP.
 
 The smoke configs train Mask R-CNN and UperNet (pretrained EfficientNet-Lite0 + FLoRA) on nucleus tiles made from
 stardist's img2d.tif / mask2d.tif by tools/make_stardist_coco.py, for a few iterations each.
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import visadapt
-import visadapt.mm as vm
+import visadapt.integrations.openmmlab as vm
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.registry import RUNNERS
@@ -118,7 +118,7 @@ def test_every_registered_method_works_from_an_mm_adapter_dict(method):
     model = _Detector()
     config = vm.resolve_adapter_config(model, dict(type=visadapt.METHODS[method].method))
     report = visadapt.inject(model, config)
-    trained = set(visadapt.tuner.get_injection(model, 'default').train_modules)
+    trained = set(visadapt.core.tuner.get_injection(model, 'default').train_modules)
     if config.trains_all:
         assert trained == {''}
     else:
@@ -147,7 +147,7 @@ def test_paper_configs_parse_and_name_valid_adapters():
     methods = {}
     for path in PAPER_CONFIGS:
         cfg = Config.fromfile(path)
-        assert cfg.runner_type == 'VisadaptRunner' and cfg.custom_imports.imports == ['visadapt.mm']
+        assert cfg.runner_type == 'VisadaptRunner' and cfg.custom_imports.imports == ['visadapt.integrations.openmmlab']
         assert cfg.model.backbone.type == 'TimmBackbone' and cfg.model.backbone.model_name == 'convnextv2_large'
         assert cfg.optim_wrapper.optimizer.type == 'AdamW' and cfg.optim_wrapper.optimizer.lr == 1e-4
         assert cfg.optim_wrapper.optimizer.weight_decay == 0.05
@@ -173,7 +173,7 @@ def test_paper_upernet_convnextv2_large_builds_with_flora_on_meta():
         report = visadapt.inject(model, vm.resolve_adapter_config(model, cfg.adapter))
     assert report.adapter_params == 12_840_493 and len(report.layers) == 112
     backbone = sum(p.numel() for n, p in model.backbone.named_parameters() if 'visadapt' not in n.split('.'))
-    assert visadapt.tuner.get_injection(model, 'default').train_modules == ['decode_head', 'auxiliary_head']
+    assert visadapt.core.tuner.get_injection(model, 'default').train_modules == ['decode_head', 'auxiliary_head']
     assert backbone > 196_000_000
 
 
@@ -246,11 +246,11 @@ def test_adapter_checkpoint_from_another_config_is_refused(stardist, tmp_path):
 
 # ---- DDP ------------------------------------------------------------------------------------------------------------------
 def test_ddp_two_processes_gloo_keeps_adapters_identical(stardist, tmp_path):
-    """torchrun, 2 processes, gloo, mmengine's pytorch launcher, through tools/mm_train.py."""
+    """torchrun, 2 processes, gloo, mmengine's pytorch launcher, through visadapt-mm-train."""
     work_dir = str(tmp_path / 'ddp')
     config = tmp_path / 'ddp_smoke.py'
     config.write_text(f"""_base_ = [{DET_SMOKE!r}]
-custom_imports = dict(imports=['visadapt.mm', '_mm_rank_dump'], allow_failed_imports=False)
+custom_imports = dict(imports=['visadapt.integrations.openmmlab', '_mm_rank_dump'], allow_failed_imports=False)
 train_dataloader = dict(dataset=dict(data_root={stardist!r}))
 val_dataloader = dict(dataset=dict(data_root={stardist!r}))
 test_dataloader = dict(dataset=dict(data_root={stardist!r}))
@@ -266,7 +266,7 @@ custom_hooks = [dict(type='RankDumpHook')]
         sock.bind(('127.0.0.1', 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port),
-           os.path.join(ROOT, 'tools', 'mm_train.py'), str(config), '--launcher', 'pytorch', '--work-dir', work_dir]
+           '-m', 'visadapt.apps.mm_train', str(config), '--launcher', 'pytorch', '--work-dir', work_dir]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from safetensors.torch import load_file

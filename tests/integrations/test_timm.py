@@ -1,4 +1,4 @@
-"""visadapt.timm (wrapping, presets, offline weights), visadapt.budget and the classification tool."""
+"""visadapt.integrations.timm_models (wrapping, presets, offline weights), visadapt.core.budget and the classification tool."""
 from __future__ import annotations
 
 import json
@@ -11,17 +11,17 @@ import torch
 import torch.nn as nn
 
 import visadapt
-import visadapt.timm as vt
-from visadapt import classify
-from visadapt.budget import BudgetCounter, budget_field, count_adapter_params, match_budget
-from visadapt.tuner import get_injection
+import visadapt.integrations.timm_models as vt
+from visadapt.apps import train_classifier as classify
+from visadapt.core.budget import BudgetCounter, budget_field, count_adapter_params, match_budget
+from visadapt.core.tuner import get_injection
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=3)
 
 
 def _conv_names(model: nn.Module) -> list:
     """Plain nn.Conv2d layers (also once adapted: injection swaps the class for a subclass)."""
-    from visadapt.layer import is_adapted
+    from visadapt.core.layer import is_adapted
     return [n for n, m in model.named_modules()
             if isinstance(m, nn.Conv2d) and (type(m) is nn.Conv2d or (is_adapted(m) and m._va_class is nn.Conv2d))]
 

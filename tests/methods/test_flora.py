@@ -15,7 +15,7 @@ import visadapt
 from visadapt.methods import flora
 from visadapt.methods.flora import (FLoRAConfig, flora_bypass, flora_delta_weight, flora_num_params, flora_ranks,
                                     mode_product, tucker_weight)
-from visadapt.site import site_from_module
+from visadapt.core.site import site_from_module
 from flop_count import layer_flops
 from visadapt_testing import adapter_params, flop_only_cost_model, randomize_adapters
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import visadapt
 from visadapt.methods.lora import LoRAConfig, lora_bypass, lora_delta_weight, lora_shapes
-from visadapt.site import site_from_module
+from visadapt.core.site import site_from_module
 from flop_count import layer_flops
 from visadapt_testing import flop_only_cost_model
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import visadapt
 from visadapt.methods.melora import melora_blocks
-from visadapt.site import site_from_module
+from visadapt.core.site import site_from_module
 from visadapt_testing import TinyNet, randomize_adapters
 
 

@@ -65,7 +65,8 @@ def test_seed_and_shape_mismatch_on_load(tmp_path):
 
     meta_path = tmp_path / 'v' / 'adapter_config.json'
     meta = json.loads(meta_path.read_text())
-    meta['layer_metadata']['layer']['checksum'] += 1.0
+    meta['layer_metadata']['layer']['A']['sha256'] = '0' * 64  # as if another generator had drawn A
+    meta['layer_metadata']['layer']['A']['probe'][0] += 1.0
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match='draws other random numbers'):
         visadapt.load_adapter(fresh, tmp_path / 'v')

@@ -1,22 +1,12 @@
-"""Adapter methods. Importing a method module registers it; add new methods to ``_METHOD_MODULES``."""
+"""Adapter methods: one module per method, each registering itself with ``@register`` (the only step to add one).
+
+Every module of this package is imported here, so a new ``methods/<name>.py`` is found without editing any list.
+Modules starting with ``_`` hold math shared by several methods.
+"""
+import pkgutil
 from importlib import import_module
 
-_METHOD_MODULES = ('flora', 'lora', 'dora', 'vera', 'ia3', 'ssl', 'ssb', 'bitfit', 'melora', 'moslora', 'full',
-                  'sera', 'svft')
+__all__ = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_'))
 
-for _name in _METHOD_MODULES:
+for _name in __all__:
     import_module(f'{__name__}.{_name}')
-
-from .flora import FLoRAConfig  # noqa: E402
-from .lora import LoRAConfig  # noqa: E402
-from .dora import DoRAConfig  # noqa: E402
-from .vera import VeRAConfig  # noqa: E402
-from .ia3 import IA3Config  # noqa: E402
-from .ssl import SSLConfig  # noqa: E402
-from .ssb import SSBConfig  # noqa: E402
-from .bitfit import BitFitConfig  # noqa: E402
-from .melora import MELoRAConfig  # noqa: E402
-from .moslora import MoSLoRAConfig  # noqa: E402
-from .full import FullFinetuneConfig, HeadOnlyConfig  # noqa: E402
-from .sera import SeRAConfig  # noqa: E402
-from .svft import SVFTConfig  # noqa: E402

@@ -23,11 +23,11 @@ from typing import ClassVar, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..adapter import Adapter
-from ..site import Site, output_positions
+from ..core.adapter import Adapter
+from ..core.site import Site, output_positions
 
 __all__ = ['ScalingAdapter', 'in_channels', 'in_scale_matrix', 'channel_view', 'scaled_weight', 'unscaled_weight',
-           'scale_output']
+           'check_nonzero_scales', 'scale_output']
 
 
 def in_channels(site: Site) -> int:
@@ -64,13 +64,18 @@ def scaled_weight(site: Site, weight: torch.Tensor, l: Optional[torch.Tensor], s
     return out.to(weight.dtype)
 
 
-def unscaled_weight(site: Site, merged: torch.Tensor, l: Optional[torch.Tensor], s: Optional[torch.Tensor]
-                    ) -> torch.Tensor:
-    """Inverse of :func:`scaled_weight`. Raises ValueError if a scale is exactly zero (that row/column is lost)."""
+def check_nonzero_scales(l: Optional[torch.Tensor], s: Optional[torch.Tensor]) -> None:
+    """Raise ValueError if a scale is exactly zero: merge erased that row/column of W for good."""
     for name, v in (('l', l), ('s', s)):
         if v is not None and bool((v == 0).any()):
             raise ValueError(f'cannot unmerge: scale vector {name} has {int((v == 0).sum())} zero entries, so the '
                              f'matching rows/columns of the base weight were erased by merge')
+
+
+def unscaled_weight(site: Site, merged: torch.Tensor, l: Optional[torch.Tensor], s: Optional[torch.Tensor]
+                    ) -> torch.Tensor:
+    """Inverse of :func:`scaled_weight`. Raises ValueError if a scale is exactly zero (that row/column is lost)."""
+    check_nonzero_scales(l, s)
     dtype = torch.promote_types(merged.dtype, (l if l is not None else s).dtype)
     out = merged.to(dtype)
     if l is not None:
@@ -116,6 +121,9 @@ class ScalingAdapter(Adapter):
 
     def restored_weight(self, merged: torch.Tensor) -> torch.Tensor:
         return unscaled_weight(self.site, merged, *self._scales())
+
+    def check_restorable(self) -> None:
+        check_nonzero_scales(*self._scales())
 
     def delta_macs(self) -> int:
         return math.prod(self.site.weight_shape) * (int(self.scale_out) + int(self.scale_in))

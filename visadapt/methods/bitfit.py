@@ -25,10 +25,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..adapter import Adapter
-from ..config import AdapterConfig, register
-from ..site import Site, base_bias, output_positions
-from ..slices import leaf_adapters
+from ..core.adapter import Adapter
+from ..core.config import AdapterConfig
+from ..core.registry import register
+from ..core.site import Site, base_bias, output_positions
 from ._scaling import channel_view
 
 __all__ = ['BitFitConfig', 'BitFitAdapter']
@@ -56,12 +56,6 @@ class BitFitConfig(AdapterConfig):
     def accepts(self, module: nn.Module) -> bool:
         return self.bias_free == 'add' or base_bias(module) is not None
 
-    def build_adapter(self, name: str, module: nn.Module):
-        adapter = super().build_adapter(name, module)
-        for part in leaf_adapters(adapter):  # each q/k/v slice adapter when ``slices`` is set
-            part.set_has_bias(base_bias(module) is not None)
-        return adapter
-
 
 @register(BitFitConfig)
 class BitFitAdapter(Adapter):
@@ -73,15 +67,14 @@ class BitFitAdapter(Adapter):
         self.delta_b = nn.Parameter(torch.empty(site.out_features))
         self.reset_parameters()
 
-    def set_has_bias(self, has_bias: bool) -> None:
+    @property
+    def has_weight_path(self) -> bool:
         """A bias-free layer gets the bypass only and no merge (there is no bias parameter to hold Δb)."""
-        if has_bias:
-            return
-        if self.forward_path == 'weight':
-            raise ValueError("forward_path='weight' is not available for BitFit on a layer without a bias (there is "
-                             "no bias to add Δb to); use 'bypass' or 'auto', or bias_free='skip'")
-        self.has_weight_path = False
-        self.mergeable = False
+        return self.site.has_bias
+
+    def why_no_weight_path(self) -> str:
+        return ("for BitFit on a layer without a bias (there is no bias to add Δb to); use bias_free='skip' to leave "
+                "such layers out, or")
 
     def why_not_mergeable(self) -> str:
         return "the layer has no bias parameter to fold Δb into (use BitFitConfig(bias_free='skip') to leave such " \

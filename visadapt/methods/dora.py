@@ -28,8 +28,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..config import register
-from ..site import Site
+from ..core.factors import Factors
+from ..core.registry import register
+from ..core.site import Site
 from .lora import LoRAAdapter, LoRAConfig
 
 __all__ = ['DoRAConfig', 'DoRAAdapter', 'channel_norm', 'dora_weight']
@@ -63,11 +64,10 @@ def dora_weight(weight: torch.Tensor, delta: torch.Tensor, m: torch.Tensor):
 @register(DoRAConfig)
 class DoRAAdapter(LoRAAdapter):
     """Tensors: LoRA's ``A``, ``B`` and the magnitude ``m`` (out,); buffer ``w_norm`` = ‖W‖_c (not saved)."""
-    has_bypass = False
+    has_bypass = False  # the norm ‖W + ΔW‖_c needs W, which a bypass does not see
 
     def __init__(self, config: DoRAConfig, site: Site, weight: torch.Tensor):
         super().__init__(config, site, weight)
-        self.has_bypass = False  # LoRA sets it per layer; DoRA never has one
         self.register_buffer('w_norm', channel_norm(weight.detach()), persistent=False)
         self.m = nn.Parameter(self.w_norm.clone())
         self._merged_norm: Optional[torch.Tensor] = None
@@ -83,14 +83,32 @@ class DoRAAdapter(LoRAAdapter):
         self._merged_norm = norm  # what unmerge divides back out (only the call made by merge is ever used)
         return merged
 
-    def restored_weight(self, merged: torch.Tensor) -> torch.Tensor:
+    def check_restorable(self) -> None:
         if self._merged_norm is None:
             raise ValueError('DoRA restored_weight needs the norms recorded by a previous adapted_weight (merge)')
         if bool((self.m == 0).any()):
-            raise ValueError('cannot unmerge DoRA: a magnitude m is exactly 0, so that output channel was erased')
+            raise ValueError('a DoRA magnitude m is exactly 0, so that output channel was erased by merge')
+
+    def restored_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        self.check_restorable()
         dtype = torch.promote_types(merged.dtype, torch.float32)
         ratio = (self._merged_norm.to(dtype) / self.m.to(dtype)).view(-1, *([1] * (merged.dim() - 1)))
         return (merged.to(dtype) * ratio - self.delta_weight().to(dtype)).to(merged.dtype)
+
+    def factor_form(self) -> Factors:
+        """LoRA's chain (down = A, up = scale · B) and the magnitude m; needs the chain form."""
+        if self.site.kind != 'linear' and self.conv_form != 'chain':
+            raise ValueError(f'DoRA has no exact low-rank form here: {self.why_no_factors()}')
+        up = self.scale * self.B
+        return Factors(self.A, up.reshape(*up.shape, *([1] * self.site.ndim)), magnitude=self.m)
+
+    def why_no_bypass(self) -> str:
+        return 'the norm ‖W + ΔW‖_c needs the base weight, which a bypass does not see'
+
+    def why_no_factors(self) -> str:
+        if self.site.kind != 'linear' and self.conv_form != 'chain':
+            return "the conv reshape form's ΔW is not a rank-r chain"
+        return super().why_no_factors()
 
     def delta_macs(self) -> int:
         return super().delta_macs() + 2 * self.B.shape[0] * self.A[0].numel()

@@ -22,7 +22,7 @@ Two forward paths with equal results: build ΔW and run one op with W + ΔW ("we
 stride/padding/dilation/padding_mode), and a grouped 1×1 expansion (when r equals in/groups, e.g. RGB stems and
 depthwise convs, the projection is folded into the k×k kernel). For Linears and 1×1 convs the chain has two
 activation ops, like LoRA's: the projection (in the layer's geometry) and the expansion by A^(1) G, the core folded
-into the up factor once per call. The core picks the cheaper path per input shape (visadapt.path_cost).
+into the up factor once per call. The core picks the cheaper path per input shape (visadapt.core.path_cost).
 """
 from __future__ import annotations
 
@@ -33,10 +33,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..adapter import Adapter
-from ..config import AdapterConfig, _positive_int, register
-from ..mpc import MPCConfigMixin
-from ..site import Site, input_positions, output_positions, pointwise, run_op
+from ..core.adapter import Adapter
+from ..core.factors import Factors
+from ..core.config import AdapterConfig, check_positive_int
+from ..core.registry import register
+from .mpc import MPCConfigMixin
+from ..core.site import Site, input_positions, output_positions, pointwise, run_op
 
 __all__ = ['FLoRAConfig', 'FLoRAAdapter', 'flora_ranks', 'flora_num_params', 'mode_product', 'tucker_weight',
            'flora_delta_weight', 'flora_bypass']
@@ -58,8 +60,8 @@ class FLoRAConfig(MPCConfigMixin, AdapterConfig):
     scale: float = 1.0
 
     def validate(self) -> None:
-        _positive_int(self.r, 'FLoRA rank r')
-        _positive_int(self.r3, 'FLoRA spatial rank r3')
+        check_positive_int(self.r, 'FLoRA rank r')
+        check_positive_int(self.r3, 'FLoRA spatial rank r3')
         if not math.isfinite(self.scale):
             raise ValueError(f'FLoRA scale must be a finite number, got {self.scale!r}')
 
@@ -202,6 +204,17 @@ class FLoRAAdapter(Adapter):
 
     def delta_ops(self) -> int:  # one mode product per weight dimension
         return len(self.ranks)
+
+    def factor_form(self) -> Factors:
+        """Linear: down = G A^(2)ᵀ (r_out, in), up = s·A^(1). ConvNd: the Tucker form down = A^(2)ᵀ (1×1),
+        mid = G ×₃ A^(3) ... (the kernel modes), up = s·A^(1) (1×1)."""
+        ones = (1,) * self.site.ndim
+        up = self.scale * self.factors[0]
+        if self.site.kind == 'linear':
+            return Factors(self.G @ self.factors[1].t(), up)
+        mid = tucker_weight(self.G, list(self.factors), modes=range(2, self.G.dim()))     # (r_out, r_in, *k)
+        down = self.factors[1].t()                                                        # (r_in, in/groups)
+        return Factors(down.reshape(*down.shape, *ones), up.reshape(*up.shape, *ones), mid)
 
     def mpc_factors(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """A = A^(2)ᵀ (r_in, in/groups) on the input side, B = A^(1) (out, r_out) on the output side."""

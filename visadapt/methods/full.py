@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import AdapterConfig, register
+from ..core.config import AdapterConfig
+from ..core.registry import register
 
 __all__ = ['FullFinetuneConfig', 'HeadOnlyConfig']
 

@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from ..config import AdapterConfig, register
+from ..core.config import AdapterConfig
+from ..core.registry import register
 from ._scaling import ScalingAdapter, scale_output
 
 __all__ = ['IA3Config', 'IA3Adapter']

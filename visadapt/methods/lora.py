@@ -21,10 +21,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..adapter import Adapter
-from ..config import AdapterConfig, _positive_int, register
-from ..mpc import MPCAdapterMixin, MPCConfigMixin
-from ..site import Site, output_positions, pointwise, run_op
+from ..core.adapter import Adapter
+from ..core.factors import Factors
+from ..core.config import AdapterConfig, check_positive_int
+from ..core.registry import register
+from .mpc import MPCAdapterMixin, MPCConfigMixin
+from ..core.site import Site, output_positions, pointwise, run_op
 
 __all__ = ['LoRAConfig', 'LoRAAdapter', 'lora_shapes', 'lora_delta_weight', 'lora_bypass']
 
@@ -46,7 +48,7 @@ class LoRAConfig(MPCConfigMixin, AdapterConfig):
     conv_form: str = 'chain'
 
     def validate(self) -> None:
-        _positive_int(self.r, 'LoRA rank r')
+        check_positive_int(self.r, 'LoRA rank r')
         if self.conv_form not in CONV_FORMS:
             raise ValueError(f'LoRA conv_form={self.conv_form!r} is not valid; use one of {CONV_FORMS}')
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
@@ -97,22 +99,21 @@ def lora_bypass(site: Site, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
 @register(LoRAConfig)
 class LoRAAdapter(MPCAdapterMixin, Adapter):
     """Tensors: ``A`` (down) and ``B`` (up); shapes from :func:`lora_shapes`."""
-    has_bypass = True  # per instance: False for the conv reshape form
 
     def __init__(self, config: LoRAConfig, site: Site, weight: torch.Tensor):
         super().__init__(config, site, weight)
         self.conv_form = config.conv_form
-        # the reshape form is not a conv chain: it has only the weight path (1×1 convs and Linears are the same)
-        self.has_bypass = site.kind == 'linear' or config.conv_form == 'chain'
-        if self.forward_path == 'bypass' and not self.has_bypass:
-            raise ValueError("forward_path='bypass' needs LoRA conv_form='chain'; the reshape form has only the "
-                             "weight path")
         self.scale = config.scale
         a_shape, b_shape = lora_shapes(site, config.r, config.conv_form)
         self.A = nn.Parameter(torch.empty(a_shape))
         self.B = nn.Parameter(torch.empty(b_shape))
         self.reset_parameters()
         self._init_mpc(config)
+
+    @property
+    def has_bypass(self) -> bool:
+        """The conv reshape form is not a chain: weight path only (for Linears both forms are the same)."""
+        return self.site.kind == 'linear' or self.conv_form == 'chain'
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.A.view(self.A.shape[0], -1), a=math.sqrt(5))
@@ -131,6 +132,26 @@ class LoRAAdapter(MPCAdapterMixin, Adapter):
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         positions = output_positions(self.site, x_shape)
         return positions * self.site.groups * self.A.numel() + positions * self.B.numel()
+
+    def _up(self) -> torch.Tensor:
+        """The effective up matrix (out, r) (MoSLoRA mixes B)."""
+        return self.B
+
+    def factor_form(self) -> Factors:
+        """down = A (the chain's conv with the layer's kernel), up = scale · B."""
+        if not self.has_bypass:
+            return super().factor_form()
+        self._check_weight_path()
+        up = self.scale * self._up()
+        return Factors(self.A, up.reshape(*up.shape, *([1] * self.site.ndim)))
+
+    def why_no_bypass(self) -> str:
+        return "it needs LoRA conv_form='chain'; the reshape form has only the weight path"
+
+    def why_no_factors(self) -> str:
+        if not self.has_bypass:
+            return "the conv reshape form's ΔW (rows: out channel × first kernel dim) is not a rank-r chain"
+        return super().why_no_factors()
 
     def mpc_factors(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """A flattened to (r, in/groups·Πk) (reshape form: (r, in/groups·k_2···k_d)) and B (out, r)."""

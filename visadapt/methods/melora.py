@@ -27,10 +27,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..adapter import Adapter
-from ..config import AdapterConfig, _positive_int, register
-from ..mpc import MPCAdapterMixin, MPCConfigMixin
-from ..site import Site, output_positions, pointwise, run_op
+from ..core.adapter import Adapter
+from ..core.factors import Factors
+from ..core.config import AdapterConfig, check_positive_int
+from ..core.registry import register
+from .mpc import MPCAdapterMixin, MPCConfigMixin
+from ..core.site import Site, output_positions, pointwise, run_op
 
 __all__ = ['MELoRAConfig', 'MELoRAAdapter', 'melora_blocks', 'melora_delta_weight', 'melora_bypass']
 
@@ -50,8 +52,8 @@ class MELoRAConfig(MPCConfigMixin, AdapterConfig):
     alpha: Optional[float] = None
 
     def validate(self) -> None:
-        _positive_int(self.r, 'MELoRA rank r')
-        _positive_int(self.n, 'MELoRA number of mini-LoRAs n')
+        check_positive_int(self.r, 'MELoRA rank r')
+        check_positive_int(self.n, 'MELoRA number of mini-LoRAs n')
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
             raise ValueError(f'MELoRA alpha must be a finite number or None, got {self.alpha!r}')
 
@@ -135,6 +137,16 @@ class MELoRAAdapter(MPCAdapterMixin, Adapter):
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         g = self.site.groups if self.site.is_conv else 1
         return output_positions(self.site, x_shape) * (g * self.A.numel() + self.B.numel())
+
+    def factor_form(self) -> Factors:
+        """A rank-n·r LoRA: down = blockdiag(A_i) (n·r, in/groups, *k), up = scale · blockdiag(B_i) (out, n·r)
+        (every group's rows of block i read the columns of mini-LoRA i)."""
+        self._check_weight_path()
+        n, r = self.A.shape[:2]
+        eye = torch.eye(n, dtype=self.A.dtype, device=self.A.device)
+        down = torch.einsum('nrc...,nm->nrmc...', self.A, eye).reshape(n * r, n * self.A.shape[2], *self.A.shape[3:])
+        up = torch.einsum('gnor,nm->gnomr', self.scale * self.B, eye).reshape(-1, n * r)
+        return Factors(down, up.reshape(*up.shape, *([1] * self.site.ndim)))
 
     def mpc_factors(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """One batched pair: A_i (n, r, in/(g·n)·Πk) and B_i (n, out/n, r) (rows of every group of block i)."""

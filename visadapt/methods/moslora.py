@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import register
-from ..site import Site
+from ..core.registry import register
+from ..core.site import Site
 from .lora import LoRAAdapter, LoRAConfig, lora_bypass, lora_delta_weight
 
 __all__ = ['MoSLoRAConfig', 'MoSLoRAAdapter']
@@ -49,7 +49,7 @@ class MoSLoRAAdapter(LoRAAdapter):
             nn.init.kaiming_uniform_(self.M, a=math.sqrt(5))
 
     def _up(self) -> torch.Tensor:
-        """The effective up matrix B M (out, r)."""
+        """The effective up matrix B M (out, r) (also LoRA's factored form's up, scaled)."""
         return self.B @ self.M
 
     def delta_weight(self) -> torch.Tensor:

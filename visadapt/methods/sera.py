@@ -39,10 +39,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..adapter import Adapter
-from ..config import AdapterConfig, _positive_int, register
-from ..mpc import MPCAdapterMixin, MPCConfigMixin
-from ..site import Site
+from ..core.adapter import Adapter
+from ..core.factors import Factors
+from ..core.config import AdapterConfig, check_positive_int
+from ..core.registry import register
+from .mpc import MPCAdapterMixin, MPCConfigMixin
+from ..core.site import Site
 
 __all__ = ['SeRAConfig', 'SeRAAdapter', 'sera_num_params', 'sera_check_split', 'sera_delta_weight', 'sera_bypass']
 
@@ -63,9 +65,9 @@ class SeRAConfig(MPCConfigMixin, AdapterConfig):
     alpha: float = 1.0
 
     def validate(self) -> None:
-        _positive_int(self.r, 'SeRA rank r')
+        check_positive_int(self.r, 'SeRA rank r')
         if self.split is not None:
-            _positive_int(self.split, 'SeRA split')
+            check_positive_int(self.split, 'SeRA split')
             if self.r % self.split:
                 raise ValueError(f'SeRA split={self.split} must divide the rank r={self.r}; valid splits for '
                                  f'r={self.r}: '
@@ -170,6 +172,11 @@ class SeRAAdapter(MPCAdapterMixin, Adapter):
 
     def bypass_macs(self, x_shape: Sequence[int]) -> int:
         return math.prod(x_shape[:-1]) * (self.A.numel() + self.C.numel() + self.B.numel())
+
+    def factor_form(self) -> Factors:
+        """down = blockdiag(A_1..A_s) (r, in), up = α · blockdiag(B_1..B_s) C (out, r)."""
+        self._check_weight_path()
+        return Factors(torch.block_diag(*self.A), self.alpha * torch.block_diag(*self.B) @ self.C)
 
     def mpc_factors(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """The blocks ``A`` (s, r/s, in/s) and ``B`` (s, out/s, r/s) as a batch of s pairs.

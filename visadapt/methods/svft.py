@@ -25,9 +25,9 @@ always reloads with exactly its pattern.
 U and V come from ``torch.linalg.svd`` of the frozen W at injection, computed in float32 (float64 for float64
 weights) whatever the model dtype. They are non-persistent buffers (never saved: they are derived from the base
 weight), can be stored in bfloat16/float16 (``basis_dtype``) and truncated to the top ``r`` singular directions
-(appendix C.3). The adapter file records a fingerprint of the base weight (shape, SHA-256 of its float32 bytes and a
-few fixed random projections); loading onto another base weight is a ValueError, while the same weight in another
-dtype (e.g. bf16 at inference) is accepted.
+(appendix C.3). The adapter file records a fingerprint of the base weight (:mod:`visadapt.core.fingerprint`); loading
+onto another base weight is a ValueError, while the same weight in another dtype (e.g. bf16 at inference) is
+accepted.
 
 Init: M = 0 (``init='zero'``, default), so ΔW = 0 and step 0 is the base model bit for bit. ``init='gated'`` is the
 official code's: values Kaiming-normal (std √(2/k)) times σ(g) with a trainable scalar gate g = 0, so ΔW ≠ 0 at
@@ -47,7 +47,6 @@ a p-channel conv with the layer's kernel and geometry (shared by the groups), an
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -55,19 +54,20 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..adapter import Adapter
-from ..config import AdapterConfig, _positive_int, register
-from ..site import Site, output_positions, pointwise, run_op
+from ..core.adapter import Adapter
+from ..core.factors import Factors
+from ..core.fingerprint import fingerprint, fingerprint_mismatch
+from ..core.config import AdapterConfig, check_positive_int
+from ..core.registry import register
+from ..core.site import Site, output_positions, pointwise, run_op
 
 __all__ = ['SVFTConfig', 'SVFTAdapter', 'svft_pattern', 'svft_num_params', 'svft_bases', 'svft_m', 'svft_um',
-           'svft_delta_weight', 'svft_delta_macs', 'svft_apply_m', 'weight_fingerprint']
+           'svft_delta_weight', 'svft_delta_macs', 'svft_apply_m']
 
 PATTERNS = ('plain', 'banded', 'random', 'top_k')
 INITS = ('zero', 'gated')
 _BASIS_DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'bfloat16': torch.bfloat16,
                  'float16': torch.float16}
-_PROBES = 4  # fixed random probe vectors on each side for the fingerprint
-_FINGERPRINT_RTOL = 2e-2  # projections of the same weight rounded to bf16 differ by ~0.5%; other weights by ~100%
 
 
 @dataclass
@@ -101,12 +101,12 @@ class SVFTConfig(AdapterConfig):
         if isinstance(self.off_diag, bool) or not isinstance(self.off_diag, int) or self.off_diag < 0:
             raise ValueError(f'SVFT off_diag must be an integer >= 0, got {self.off_diag!r}')
         if self.k is not None:
-            _positive_int(self.k, 'SVFT k')
+            check_positive_int(self.k, 'SVFT k')
             if self.pattern not in ('random', 'top_k'):
                 raise ValueError(f"SVFT k={self.k} only applies to pattern='random' or 'top_k', not "
                                  f"{self.pattern!r} (use off_diag for 'banded')")
         if self.r is not None:
-            _positive_int(self.r, 'SVFT truncation rank r')
+            check_positive_int(self.r, 'SVFT truncation rank r')
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f'SVFT seed must be an integer in [0, 2**63), got {self.seed!r}')
         if self.init not in INITS:
@@ -192,8 +192,9 @@ def svft_pattern(pattern: str, p: int, off_diag: int = 2, k: Optional[int] = Non
 def svft_m(values: torch.Tensor, indices: torch.Tensor, p: int) -> torch.Tensor:
     """M as a dense (p, p) matrix with ``values`` at ``indices`` and zeros elsewhere (differentiable in ``values``).
 
-    The products with M run densely: a p×p GEMM beats gathering and scattering the k entries on CPU and GPU even at
-    5% fill (an index_select over the activations also materializes positions × k elements), see docs/bench.md.
+    The products with M run densely: on this project's 2-core CPU a p×p GEMM beat gathering and scattering the k
+    entries even at 5% fill (an index_select over the activations also materializes positions × k elements), see
+    docs/bench.md; GPUs have not been measured.
     """
     dense = values.new_zeros(p * p)
     dense.index_put_((indices[0] * p + indices[1],), values)  # in place on the fresh buffer: no clone of p² zeros
@@ -236,16 +237,6 @@ def svft_apply_m(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, d
     return (z.movedim(dim, -1) @ svft_m(values, indices, z.shape[dim]).t()).movedim(-1, dim)
 
 
-def weight_fingerprint(weight: torch.Tensor) -> Dict[str, Any]:
-    """Shape, SHA-256 of the float32 bytes, and P_lᵀ W P_r for fixed random unit probes (4×4 numbers)."""
-    w = weight.detach().float().cpu().reshape(weight.shape[0], -1).contiguous()
-    gen = torch.Generator().manual_seed(20240529)
-    left = torch.nn.functional.normalize(torch.randn(w.shape[0], _PROBES, generator=gen, dtype=torch.float64), dim=0)
-    right = torch.nn.functional.normalize(torch.randn(w.shape[1], _PROBES, generator=gen, dtype=torch.float64), dim=0)
-    return {'shape': list(weight.shape), 'sha256': hashlib.sha256(w.numpy().tobytes()).hexdigest(),
-            'probe': (left.t() @ w.double() @ right).flatten().tolist()}
-
-
 # ---- the adapter ----------------------------------------------------------------------------------------------------
 @register(SVFTConfig)
 class SVFTAdapter(Adapter):
@@ -259,7 +250,7 @@ class SVFTAdapter(Adapter):
         U, V = svft_bases(weight.reshape(out_f, in_f), config.r)
         self.p = U.shape[1]
         indices = svft_pattern(config.pattern, self.p, config.off_diag, config.k, config.seed, U, V)
-        self.fingerprint = weight_fingerprint(weight)
+        self.fingerprint = fingerprint(weight)
         self.basis_dtype = None if config.basis_dtype is None else _BASIS_DTYPES[config.basis_dtype]
         self.register_buffer('U', U, persistent=False)
         self.register_buffer('V', V, persistent=False)
@@ -338,26 +329,26 @@ class SVFTAdapter(Adapter):
         apply_m = in_f * m_cost if self._folds_m(positions) else positions * g * m_cost
         return positions * g * self.p * in_f + apply_m + positions * out_f * self.p
 
-    # ---- the base-weight fingerprint -------------------------------------------------------------------------------
+    def factor_form(self) -> Factors:
+        """down = Vᵀ (p, in/groups, *k) (a p-filter conv in the layer's geometry), up = U M (out, p)."""
+        values = self.m_values()
+        up = svft_um(self.U.to(values.dtype), values, self.indices, self.diagonal)
+        down = self.V.to(values.dtype).t().reshape(self.p, *self.site.weight_shape[1:])
+        return Factors(down, up.reshape(*up.shape, *([1] * self.site.ndim)))
+
     def metadata(self) -> Dict[str, Any]:
         return {'base_weight': self.fingerprint}
 
     def check_metadata(self, meta: Dict[str, Any], where: str) -> None:
         saved = meta.get('base_weight')
-        if saved is None:
-            return
-        now = self.fingerprint
-        if list(saved.get('shape', [])) != now['shape']:
+        problem = None if saved is None else fingerprint_mismatch(saved, self.fingerprint)
+        if problem == 'shape':
             raise ValueError(f'{where}: SVFT was trained on a base weight of shape {saved.get("shape")}, this layer '
-                             f'has {now["shape"]}')
-        if saved.get('sha256') == now['sha256']:
-            return
-        a = torch.tensor(saved.get('probe', []), dtype=torch.float64)
-        b = torch.tensor(now['probe'], dtype=torch.float64)
-        if a.shape != b.shape or (a - b).norm() > _FINGERPRINT_RTOL * max(b.norm().item(), 1e-30):
+                             f'has {self.fingerprint["shape"]}')
+        if problem == 'values':
             raise ValueError(f'{where}: SVFT adapter was trained on a different base weight (fingerprint '
-                             f'{saved.get("sha256", "?")[:12]}…, this layer {now["sha256"][:12]}…); its U and V are '
-                             f'the singular vectors of that weight, so it cannot be loaded onto this one')
+                             f'{str(saved.get("sha256", "?"))[:12]}…, this layer {self.fingerprint["sha256"][:12]}…); '
+                             f'its U and V are the singular vectors of that weight, so it cannot be loaded onto this one')
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, p={self.p}, k={self.indices.shape[1]}'

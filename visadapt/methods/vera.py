@@ -6,8 +6,8 @@ In ``y = W x`` form (W ∈ R^{out×in}), as the paper writes it: ΔW = diag(b) B
 
 * A ∈ R^{r×in} and B ∈ R^{out×r}: frozen, random (Kaiming-uniform, as the paper), shared by every layer with the
   same shapes. They are regenerated from ``seed`` (a CPU ``torch.Generator``, so the values do not depend on the
-  device) and are never saved: the adapter file holds only d and b, plus the seed, the shapes and a checksum of the
-  regenerated matrices in its metadata. Loading with another seed, onto layers of other shapes, or on a PyTorch
+  device) and are never saved: the adapter file holds only d and b, plus the seed and fingerprints of the
+  regenerated matrices (:mod:`visadapt.core.fingerprint`) in its metadata. Loading with another seed, onto layers of other shapes, or on a PyTorch
   whose generator draws different numbers, is a clear error. Layers with equal shapes share one CPU tensor.
 * d ∈ R^{r} and b ∈ R^{out}: trainable scaling vectors. Init b = 0 (so ΔW = 0 and the output is the base output
   bit for bit at step 0) and d = ``d_init`` (paper: 0.1).
@@ -28,9 +28,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..adapter import Adapter
-from ..config import AdapterConfig, _positive_int, register
-from ..site import Site, output_positions
+from ..core.adapter import Adapter
+from ..core.factors import Factors
+from ..core.fingerprint import fingerprint, fingerprint_mismatch
+from ..core.config import AdapterConfig, check_positive_int
+from ..core.registry import register
+from ..core.site import Site, output_positions
 from .lora import lora_bypass, lora_delta_weight
 
 __all__ = ['VeRAConfig', 'VeRAAdapter', 'vera_projections', 'vera_delta_weight']
@@ -53,7 +56,7 @@ class VeRAConfig(AdapterConfig):
     d_init: float = 0.1
 
     def validate(self) -> None:
-        _positive_int(self.r, 'VeRA rank r')
+        check_positive_int(self.r, 'VeRA rank r')
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f'VeRA seed must be an integer in [0, 2**63), got {self.seed!r}')
         if isinstance(self.d_init, bool) or not isinstance(self.d_init, (int, float)) or not math.isfinite(self.d_init):
@@ -81,10 +84,6 @@ def vera_projections(site: Site, r: int, seed: int) -> Tuple[torch.Tensor, torch
 def vera_delta_weight(site: Site, A: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """ΔW = diag(b) B diag(d) A in the layer's weight layout."""
     return lora_delta_weight(site, d.view(-1, *([1] * (A.dim() - 1))) * A, b.unsqueeze(1) * B, 1.0, 'chain')
-
-
-def _checksum(A: torch.Tensor, B: torch.Tensor) -> float:
-    return float(A.double().sum() + 2 * B.double().sum())
 
 
 # ---- the adapter ----------------------------------------------------------------------------------------------------
@@ -121,23 +120,28 @@ class VeRAAdapter(Adapter):
         positions = output_positions(self.site, x_shape)
         return positions * self.site.groups * self.A.numel() + positions * self.B.numel() + self.A.numel()
 
+    def factor_form(self) -> Factors:
+        """down = diag(d) A (r, in/groups, *k), up = diag(b) B (out, r): an exact rank-r LoRA."""
+        down = self.d.view(-1, *([1] * (self.A.dim() - 1))) * self.A.to(self.d.dtype)
+        up = self.b.unsqueeze(1) * self.B.to(self.b.dtype)
+        return Factors(down, up.reshape(*up.shape, *([1] * self.site.ndim)))
+
     def metadata(self) -> Dict[str, Any]:
-        return {'seed': self.seed, 'A_shape': list(self.A.shape), 'B_shape': list(self.B.shape),
-                'checksum': _checksum(self.A, self.B)}
+        return {'seed': self.seed, 'A': fingerprint(self.A), 'B': fingerprint(self.B)}
 
     def check_metadata(self, meta: Dict[str, Any], where: str) -> None:
         if meta.get('seed') != self.seed:
             raise ValueError(f'{where}: VeRA seed mismatch: the adapter was trained with frozen projections from '
                              f'seed {meta.get("seed")!r} but this config regenerates them from seed {self.seed!r}')
-        for key, tensor in (('A_shape', self.A), ('B_shape', self.B)):
-            if meta.get(key) is not None and list(meta[key]) != list(tensor.shape):
-                raise ValueError(f'{where}: VeRA {key[0]} shape mismatch: saved {tuple(meta[key])}, this layer '
+        for key, tensor in (('A', self.A), ('B', self.B)):
+            problem = fingerprint_mismatch(meta[key], fingerprint(tensor)) if key in meta else None
+            if problem == 'shape':
+                raise ValueError(f'{where}: VeRA {key} shape mismatch: saved {tuple(meta[key]["shape"])}, this layer '
                                  f'needs {tuple(tensor.shape)} (different layer shape or rank r)')
-        saved = meta.get('checksum')
-        if saved is not None and not math.isclose(saved, _checksum(self.A, self.B), rel_tol=1e-9, abs_tol=1e-6):
-            raise ValueError(f'{where}: the VeRA projections regenerated from seed {self.seed} differ from the saved '
-                             f'ones (checksum {_checksum(self.A, self.B)!r} vs {saved!r}): this PyTorch draws other '
-                             f'random numbers than the one that trained the adapter')
+            if problem == 'values':
+                raise ValueError(f'{where}: the VeRA projection {key} regenerated from seed {self.seed} differs from '
+                                 f'the saved one: this PyTorch draws other random numbers than the one that trained '
+                                 f'the adapter')
 
     def extra_repr(self) -> str:
         return f'r={self.d.numel()}, seed={self.seed}, ' + super().extra_repr()

@@ -3,11 +3,11 @@
 
 Runs head-only training, full fine-tuning, LoRA (conv-chain and reshape forms), FLoRA, and every other registered
 method that applies to the model (its family preset selects layers it can adapt). Methods with a rank get the rank
-whose adapter size is closest to ``--budget`` (:func:`visadapt.budget.match_budget`); methods without one (BitFit,
+whose adapter size is closest to ``--budget`` (:func:`visadapt.core.budget.match_budget`); methods without one (BitFit,
 (IA)³, SSL, SSB, SVFT's plain pattern, ...) run at their own fixed size, which the table shows. The classifier head
 trains fully in every run (head-only trains nothing else).
 
-Each run is one :func:`visadapt.classify.run` in a forked child process (imports and the data set are loaded once,
+Each run is one :func:`visadapt.apps.train_classifier.run` in a forked child process (imports and the data set are loaded once,
 the memory high-water mark is per run); finished runs (``RUN_DIR/metrics.json``) are reused, so an interrupted
 comparison continues where it stopped. Outputs in ``--output-dir``: ``results.md`` (the table), ``results.json``
 and ``results.png`` (accuracy vs trainable parameters).
@@ -27,17 +27,15 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-if __package__ in (None, ''):  # run from a source checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import visadapt  # noqa: E402
-from visadapt import classify  # noqa: E402
-from visadapt import timm as vtimm  # noqa: E402
-from visadapt.budget import BudgetCounter, budget_field, match_budget  # noqa: E402
-from visadapt.io import atomic_write_bytes  # noqa: E402
+import visadapt
+from visadapt.apps import train_classifier as classify
+from visadapt.integrations import timm_models as vtimm
+from visadapt.core.budget import BudgetCounter, budget_field, match_budget
+from visadapt.core import atomic_write_bytes
 
 #: always compared first, in this order: (label, method, config fields)
 BASELINES: List[Tuple[str, str, Dict[str, Any]]] = [

@@ -1,4 +1,5 @@
-"""Adapter configs: one small dataclass per method on top of :class:`AdapterConfig`, and the method registry.
+"""Adapter configs: one small dataclass per method on top of :class:`AdapterConfig` (registered in
+:mod:`visadapt.core.registry`).
 
 Target selection (shared by every method):
 
@@ -10,34 +11,29 @@ Target selection (shared by every method):
 * ``slices``: adapt only some of the q/k/v slices of fused attention projections (timm's ``attn.qkv`` Linear,
   ``nn.MultiheadAttention``'s ``in_proj_weight``), each with its own update: ``['q', 'v']`` for every adapted
   layer, or ``{pattern: ['q', 'v']}`` for the layers matching a pattern (others are adapted whole).
-  See :mod:`visadapt.slices`.
+  See :mod:`visadapt.core.slices`.
+
+The selection itself (patterns → layers) is :mod:`visadapt.core.selection`.
 """
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ['AdapterConfig', 'register', 'METHODS', 'get_config_class', 'config_from_dict', 'matches']
+from .slices import normalize_slices
 
-METHODS: Dict[str, Type['AdapterConfig']] = {}
+__all__ = ['AdapterConfig', 'check_positive_int', 'check_adapter_name']
 
 _DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 _NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
 
 
-def matches(name: str, pattern: str) -> bool:
-    """True if module ``name`` matches ``pattern`` (exact, dotted suffix, or shell glob, also as a suffix)."""
-    return (name == pattern or name.endswith('.' + pattern) or fnmatch.fnmatchcase(name, pattern)
-            or fnmatch.fnmatchcase(name, '*.' + pattern))
-
-
-def _positive_int(value: Any, what: str) -> None:
+def check_positive_int(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f'{what} must be a positive integer, got {value!r}')
 
@@ -96,9 +92,8 @@ class AdapterConfig:
         if self.rank_pattern and not any(f.name == 'r' for f in dataclasses.fields(self)):
             raise ValueError(f'rank_pattern is set but {self.method} has no rank r')
         for pattern, r in self.rank_pattern.items():
-            _positive_int(r, f'rank_pattern[{pattern!r}]')
+            check_positive_int(r, f'rank_pattern[{pattern!r}]')
         if self.slices is not None:
-            from .slices import normalize_slices
             self.slices = normalize_slices(self.slices)
         self.validate()
 
@@ -118,34 +113,9 @@ class AdapterConfig:
             return self.supported_types
         return tuple(t for t in self.supported_types if t.__name__ in self.target_types)
 
-    def for_layer(self, name: str) -> 'AdapterConfig':
-        """This config with the first matching ``rank_pattern`` applied for layer ``name``."""
-        for pattern, r in self.rank_pattern.items():
-            if matches(name, pattern):
-                return dataclasses.replace(self, r=r, rank_pattern={})
-        return self
-
     def torch_dtype(self, base: torch.dtype) -> torch.dtype:
+        """The adapter tensors' dtype for a base weight of dtype ``base``."""
         return base if self.adapter_dtype == 'base' else _DTYPES[self.adapter_dtype]
-
-    def build_adapter(self, name: str, module: nn.Module):
-        """Build this method's adapter for ``module`` (called with the per-layer config).
-
-        With ``slices`` selecting this layer, a :class:`visadapt.slices.SlicedAdapter` holding one adapter per slice.
-        """
-        from .site import base_weight, site_from_module
-        from .slices import build_sliced_adapter, slices_for
-        site = site_from_module(module)
-        weight = base_weight(module).detach()
-        chosen = slices_for(self.slices, name)
-        if chosen is not None:
-            adapter = build_sliced_adapter(self, site, weight, chosen)
-        else:
-            adapter = self.adapter_cls(self, site, weight)
-        if isinstance(module, nn.MultiheadAttention):
-            from .attention import check_attention_adapter
-            check_attention_adapter(adapter)
-        return adapter.to(device=weight.device, dtype=self.torch_dtype(weight.dtype))
 
     # ---- serialization ------------------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -157,47 +127,8 @@ class AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            hint = ''
-            if any(k.startswith('mpc') for k in unknown):  # MPC asked of a method without down/up factors A, B
-                with_mpc = sorted(c.method for c in METHODS.values()
-                                  if 'mpc' in {f.name for f in dataclasses.fields(c)})
-                hint = (f' ({cls.method} has no down/up factors A, B for the MPC regularizers; methods with MPC: '
-                        f'{with_mpc})')
-            raise ValueError(f'unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}{hint}')
+            raise ValueError(f'unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}')
         return cls(**data)
-
-
-def register(config_cls: Type[AdapterConfig]):
-    """Class decorator for an adapter class: ``@register(FLoRAConfig)`` makes the method usable everywhere."""
-    def deco(adapter_cls):
-        key = config_cls.method.lower()
-        if not key:
-            raise ValueError(f'{config_cls.__name__}.method is empty')
-        if key in METHODS and METHODS[key] is not config_cls:
-            raise ValueError(f'method {config_cls.method!r} is already registered by {METHODS[key].__name__}')
-        config_cls.adapter_cls = adapter_cls
-        METHODS[key] = config_cls
-        return adapter_cls
-    return deco
-
-
-def get_config_class(method: str) -> Type[AdapterConfig]:
-    """Config class for a method name, case-insensitively ('FLoRA', 'flora')."""
-    key = str(method).lower()
-    if key not in METHODS:
-        raise ValueError(f'unknown adapter method {method!r}; registered methods: '
-                         f'{sorted(c.method for c in METHODS.values())}')
-    return METHODS[key]
-
-
-def config_from_dict(data: Dict[str, Any]) -> AdapterConfig:
-    """Build a config from ``{'method'|'type': name, **fields}`` (JSON files, mm configs)."""
-    data = dict(data)
-    method = data.pop('method', None) or data.pop('type', None)
-    if method is None:
-        raise ValueError(f"adapter config needs a 'method' (or 'type') key; got keys {sorted(data)}")
-    data.pop('type', None)
-    return get_config_class(method).from_dict(data)
 
 
 def check_adapter_name(name: Any) -> str:

@@ -1,6 +1,7 @@
 """Image–text retrieval: the losses that align two towers and the recall metrics that score them.
 
-Pure tensor functions with no dependency on open_clip (the model glue is in :mod:`visadapt.clip`).
+Tensor functions with no dependency on open_clip (the model glue is :mod:`visadapt.integrations.open_clip_models`),
+and the data/evaluation helpers of the retrieval trainer.
 
 Losses (embeddings are L2-normalised inside, so similarities are cosines):
 
@@ -27,12 +28,20 @@ images' captions. ``ties='optimistic'`` counts only strictly greater wrong candi
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import csv
+import json
+import os
+import random
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['triplet_loss', 'info_nce_loss', 'retrieval_recall', 'RECALL_KEYS', 'TIE_RULES']
+__all__ = ['triplet_loss', 'info_nce_loss', 'retrieval_recall', 'RECALL_KEYS', 'TIE_RULES', 'read_pairs',
+           'split_by_image', 'embed_images', 'embed_texts', 'evaluate_retrieval']
+
+PathLike = Union[str, os.PathLike]
 
 TIE_RULES = ('pessimistic', 'optimistic')
 #: keys of :func:`retrieval_recall`'s result for ks=(1, 5, 10), in the SeRA paper's table order
@@ -170,3 +179,106 @@ def retrieval_recall(similarity: torch.Tensor, text_image: torch.Tensor, ks: Seq
         out[f'r{k}_t2i'] = 100.0 * float((t2i_rank < k).double().mean())
     out['sum'] = sum(out.values())
     return out
+
+
+# ---- data ------------------------------------------------------------------------------------------------------------
+def read_pairs(path: PathLike, image_key: str = 'image', caption_key: str = 'caption',
+               root: Optional[PathLike] = None) -> List[Tuple[str, List[str]]]:
+    """Read (image path, caption) rows from JSONL or CSV and group captions by image.
+
+    A JSONL line is ``{"image": "a.png", "caption": "..."}``, or ``{"image": ..., "captions": [...]}`` (the key
+    ``caption_key + 's'``); a CSV has a header with the two columns. Relative image paths are resolved against
+    ``root`` (default: the data file's folder). Images keep the order of their first appearance.
+
+    Returns:
+        ``[(absolute image path, [caption, ...]), ...]``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'data file {path!r} not found')
+    root = os.path.dirname(os.path.abspath(path)) if root is None else os.fspath(root)
+    ext = os.path.splitext(path)[1].lower()
+    rows: List[Tuple[int, Dict[str, Any]]] = []
+    if ext in ('.jsonl', '.json'):
+        with open(path, encoding='utf-8') as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((i, json.loads(line)))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f'{path}:{i} is not valid JSON: {err}') from None
+    elif ext in ('.csv', '.tsv'):
+        with open(path, encoding='utf-8', newline='') as f:
+            reader = csv.DictReader(f, delimiter='\t' if ext == '.tsv' else ',')
+            rows = [(i, row) for i, row in enumerate(reader, 2)]
+    else:
+        raise ValueError(f'data file {path!r} must be .jsonl or .csv/.tsv, got {ext!r}')
+    groups: Dict[str, List[str]] = {}
+    for line, row in rows:
+        if not isinstance(row, dict) or image_key not in row:
+            fields = sorted(row) if isinstance(row, dict) else row
+            raise ValueError(f'{path}:{line} has no {image_key!r} field (fields: {fields})')
+        captions = row.get(caption_key + 's') if caption_key + 's' in row else [row.get(caption_key)]
+        if (not isinstance(captions, list) or not captions
+                or not all(isinstance(c, str) and c.strip() for c in captions)):
+            raise ValueError(f'{path}:{line} needs a non-empty string {caption_key!r} '
+                             f'(or a list {caption_key + "s"!r})')
+        image = os.path.join(root, str(row[image_key]))
+        groups.setdefault(os.path.normpath(image), []).extend(c.strip() for c in captions)
+    if not groups:
+        raise ValueError(f'data file {path!r} holds no rows')
+    return list(groups.items())
+
+
+def split_by_image(items: Sequence[Tuple[str, List[str]]], val_fraction: float, seed: int = 0
+                   ) -> Tuple[List[Tuple[str, List[str]]], List[Tuple[str, List[str]]]]:
+    """Split grouped pairs into (train, val) by image, so no image has captions on both sides."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f'val_fraction must be in (0, 1), got {val_fraction!r}')
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(items) * val_fraction))
+    if n_val >= len(items):
+        raise ValueError(f'cannot split {len(items)} image(s) with val_fraction={val_fraction}: train would be empty')
+    val = sorted(order[:n_val])
+    val_set = set(val)
+    return [items[i] for i in range(len(items)) if i not in val_set], [items[i] for i in val]
+
+
+# ---- embedding and evaluation ----------------------------------------------------------------------------------
+@torch.no_grad()
+def embed_images(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """L2-normalised image embeddings: Tensor[N, 3, H, W] → Tensor[N, D] (float32, on the images' device)."""
+    out = [F.normalize(model.encode_image(images[i:i + batch_size]).float(), dim=-1)
+           for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(model: nn.Module, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised caption embeddings: Tensor[N, L] token ids → Tensor[N, D]."""
+    out = [F.normalize(model.encode_text(tokens[i:i + batch_size]).float(), dim=-1)
+           for i in range(0, tokens.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, text_image: torch.Tensor,
+                       batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), ties: str = 'pessimistic'
+                       ) -> Dict[str, float]:
+    """R@K both ways and their sum (see :func:`retrieval_recall`) with cosine similarity.
+
+    Args:
+        model: an open_clip model; evaluated in eval mode (every module's mode is restored afterwards).
+        images: Tensor[N_img, 3, H, W] preprocessed images.
+        tokens: Tensor[N_txt, L] tokenized captions.
+        text_image: Tensor[N_txt] index of each caption's image.
+    """
+    modes = [(m, m.training) for m in model.modules()]   # restored per module (frozen BatchNorms stay in eval)
+    model.eval()
+    try:
+        similarity = embed_images(model, images, batch_size) @ embed_texts(model, tokens, 4 * batch_size).t()
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return retrieval_recall(similarity, text_image, ks=ks, ties=ties)

@@ -2,7 +2,7 @@
 
 ::
 
-    import visadapt, visadapt.clip as vclip
+    import visadapt, visadapt.integrations.open_clip_models as vclip
     bundle = vclip.create_clip(config_path='clip_configs/EffNetLite0-MiniLM-L6.json', pretrained_image='packaged')
     for name, config in vclip.retrieval_configs(bundle.model, {'method': 'SeRA', 'r': 8}).items():
         visadapt.inject(bundle.model, config, name=name)
@@ -10,7 +10,7 @@
 Models: any open_clip architecture by name (``'ViT-B-32'``) or a custom config JSON (registered with
 ``open_clip.add_model_config``), e.g. a timm image tower with a Hugging Face text tower. Nothing is downloaded:
 ``pretrained`` must be a local file, timm towers start random or from ``pretrained_image`` (a local file or
-``'packaged'``, the ImageNet weights shipped in pip packages, see :data:`visadapt.timm.PACKAGED_WEIGHTS`), and a
+``'packaged'``, the ImageNet weights shipped in pip packages, see :data:`visadapt.integrations.timm_models.PACKAGED_WEIGHTS`), and a
 Hugging Face text tower loads from ``hf_model_name``, which should be a local directory (environment variables in it
 are expanded: ``"hf_model_name": "$MINILM_DIR"``). Set ``HF_HUB_OFFLINE=1`` before importing transformers so that a
 hub name fails instead of downloading.
@@ -28,22 +28,17 @@ fine-tuned only the query and value layers", on both towers):
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import json
 import os
-import random
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .config import AdapterConfig, config_from_dict, get_config_class
-from .retrieval import retrieval_recall
-from .site import SUPPORTED_LAYER_TYPES
+from ..core import AdapterConfig, AdapterSpec, is_plain_layer, parse_adapter_spec
 
 try:
     import open_clip as _open_clip
@@ -53,11 +48,9 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     _has_open_clip = False
 
 __all__ = ['has_open_clip', 'ClipBundle', 'load_model_config', 'create_clip', 'towers', 'attention_layers',
-           'conv_tower_layers', 'retrieval_configs', 'freeze_norm_stats', 'read_pairs', 'split_by_image',
-           'embed_images', 'embed_texts', 'evaluate_retrieval', 'QV_NAMES']
+           'conv_tower_layers', 'retrieval_configs', 'freeze_norm_stats', 'QV_NAMES']
 
 PathLike = Union[str, os.PathLike]
-AdapterSpec = Union[AdapterConfig, Mapping[str, Any], str]
 
 #: names of separate query / value projections (Hugging Face BERT/RoBERTa: ``query``/``value``; CLIP-HF, OPT,
 #: LLaMA and open_clip's attention pools: ``q_proj``/``v_proj``)
@@ -67,7 +60,7 @@ QV_NAMES = (('query', 'value'), ('q_proj', 'v_proj'))
 def has_open_clip(necessary: bool = False) -> bool:
     """True if open_clip is importable; with ``necessary=True`` raise ImportError with the install command instead."""
     if not _has_open_clip and necessary:
-        raise ImportError("visadapt.clip needs open_clip; install it with: pip install 'visadapt[clip]'")
+        raise ImportError("visadapt.integrations.open_clip_models needs open_clip; install it with: pip install 'visadapt[clip]'")
     return _has_open_clip
 
 
@@ -141,7 +134,7 @@ def _register_config(name: str, model_cfg: Dict[str, Any]) -> None:
 
 def _replace_timm_trunk(model: nn.Module, vision_cfg: Dict[str, Any], source: Union[str, os.PathLike]) -> Dict:
     """Swap the timm image trunk for one with pretrained weights (``'packaged'`` or a local timm checkpoint)."""
-    from . import timm as vtimm
+    from . import timm_models as vtimm
     trunk = model.visual.trunk
     arch = vision_cfg['timm_model_name']
     pool = vision_cfg.get('timm_pool', 'avg')
@@ -233,11 +226,6 @@ def _in(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + '.') for p in prefixes)
 
 
-def _plain(module: nn.Module) -> bool:
-    base = next((t for t in SUPPORTED_LAYER_TYPES if isinstance(module, t)), None)
-    return base is not None and type(module).forward is base.forward
-
-
 def attention_layers(model: nn.Module) -> Dict[str, List[str]]:
     """Query/value projections of every tower.
 
@@ -250,7 +238,7 @@ def attention_layers(model: nn.Module) -> Dict[str, List[str]]:
         leaf = name.rsplit('.', 1)[-1]
         if isinstance(module, nn.MultiheadAttention):
             fused.append(name)
-        elif isinstance(module, nn.Linear) and _plain(module):
+        elif isinstance(module, nn.Linear) and is_plain_layer(module):
             if leaf == 'qkv':
                 fused.append(name)
             elif any(leaf in pair for pair in QV_NAMES):
@@ -265,21 +253,13 @@ def conv_tower_layers(model: nn.Module) -> List[str]:
     for prefixes in towers(model).values():
         convs = [n for n, m in modules.items() if _in(n, prefixes) and isinstance(m, nn.modules.conv._ConvNd)]
         if len(convs) > 1:
-            out += [n for n in convs if _plain(modules[n])]
+            out += [n for n in convs if is_plain_layer(modules[n])]
     return out
 
 
 def _as_config(spec: AdapterSpec, train_modules: Sequence[str] = ()) -> AdapterConfig:
-    if isinstance(spec, AdapterConfig):
-        return spec
-    if isinstance(spec, str):
-        cls = get_config_class(spec)
-        # layer-free configs (HeadOnly) need their train_modules up front
-        return cls() if cls.adapts_layers else cls(train_modules=list(train_modules))
-    if isinstance(spec, Mapping):
-        return config_from_dict(dict(spec))
-    raise TypeError(f'an adapter must be an AdapterConfig, a dict with a "method" key or a method name, got '
-                    f'{type(spec).__name__}')
+    """Layer-free configs (HeadOnly) given by name or dict train the given ``train_modules``."""
+    return parse_adapter_spec(spec, lambda cls: {} if cls.adapts_layers else {'train_modules': list(train_modules)})
 
 
 def _union(a: Sequence[str], b: Sequence[str]) -> List[str]:
@@ -350,106 +330,3 @@ def freeze_norm_stats(model: nn.Module) -> int:
             module.eval()
             n += 1
     return n
-
-
-# ---- data ------------------------------------------------------------------------------------------------------------
-def read_pairs(path: PathLike, image_key: str = 'image', caption_key: str = 'caption',
-               root: Optional[PathLike] = None) -> List[Tuple[str, List[str]]]:
-    """Read (image path, caption) rows from JSONL or CSV and group captions by image.
-
-    A JSONL line is ``{"image": "a.png", "caption": "..."}``, or ``{"image": ..., "captions": [...]}`` (the key
-    ``caption_key + 's'``); a CSV has a header with the two columns. Relative image paths are resolved against
-    ``root`` (default: the data file's folder). Images keep the order of their first appearance.
-
-    Returns:
-        ``[(absolute image path, [caption, ...]), ...]``.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'data file {path!r} not found')
-    root = os.path.dirname(os.path.abspath(path)) if root is None else os.fspath(root)
-    ext = os.path.splitext(path)[1].lower()
-    rows: List[Tuple[int, Dict[str, Any]]] = []
-    if ext in ('.jsonl', '.json'):
-        with open(path, encoding='utf-8') as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((i, json.loads(line)))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f'{path}:{i} is not valid JSON: {err}') from None
-    elif ext in ('.csv', '.tsv'):
-        with open(path, encoding='utf-8', newline='') as f:
-            reader = csv.DictReader(f, delimiter='\t' if ext == '.tsv' else ',')
-            rows = [(i, row) for i, row in enumerate(reader, 2)]
-    else:
-        raise ValueError(f'data file {path!r} must be .jsonl or .csv/.tsv, got {ext!r}')
-    groups: Dict[str, List[str]] = {}
-    for line, row in rows:
-        if not isinstance(row, dict) or image_key not in row:
-            fields = sorted(row) if isinstance(row, dict) else row
-            raise ValueError(f'{path}:{line} has no {image_key!r} field (fields: {fields})')
-        captions = row.get(caption_key + 's') if caption_key + 's' in row else [row.get(caption_key)]
-        if (not isinstance(captions, list) or not captions
-                or not all(isinstance(c, str) and c.strip() for c in captions)):
-            raise ValueError(f'{path}:{line} needs a non-empty string {caption_key!r} '
-                             f'(or a list {caption_key + "s"!r})')
-        image = os.path.join(root, str(row[image_key]))
-        groups.setdefault(os.path.normpath(image), []).extend(c.strip() for c in captions)
-    if not groups:
-        raise ValueError(f'data file {path!r} holds no rows')
-    return list(groups.items())
-
-
-def split_by_image(items: Sequence[Tuple[str, List[str]]], val_fraction: float, seed: int = 0
-                   ) -> Tuple[List[Tuple[str, List[str]]], List[Tuple[str, List[str]]]]:
-    """Split grouped pairs into (train, val) by image, so no image has captions on both sides."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f'val_fraction must be in (0, 1), got {val_fraction!r}')
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(items) * val_fraction))
-    if n_val >= len(items):
-        raise ValueError(f'cannot split {len(items)} image(s) with val_fraction={val_fraction}: train would be empty')
-    val = sorted(order[:n_val])
-    val_set = set(val)
-    return [items[i] for i in range(len(items)) if i not in val_set], [items[i] for i in val]
-
-
-# ---- embedding and evaluation ----------------------------------------------------------------------------------
-@torch.no_grad()
-def embed_images(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """L2-normalised image embeddings: Tensor[N, 3, H, W] → Tensor[N, D] (float32, on the images' device)."""
-    out = [F.normalize(model.encode_image(images[i:i + batch_size]).float(), dim=-1)
-           for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def embed_texts(model: nn.Module, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised caption embeddings: Tensor[N, L] token ids → Tensor[N, D]."""
-    out = [F.normalize(model.encode_text(tokens[i:i + batch_size]).float(), dim=-1)
-           for i in range(0, tokens.shape[0], batch_size)]
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def evaluate_retrieval(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, text_image: torch.Tensor,
-                       batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), ties: str = 'pessimistic'
-                       ) -> Dict[str, float]:
-    """R@K both ways and their sum (see :func:`visadapt.retrieval.retrieval_recall`) with cosine similarity.
-
-    Args:
-        model: an open_clip model; evaluated in eval mode (every module's mode is restored afterwards).
-        images: Tensor[N_img, 3, H, W] preprocessed images.
-        tokens: Tensor[N_txt, L] tokenized captions.
-        text_image: Tensor[N_txt] index of each caption's image.
-    """
-    modes = [(m, m.training) for m in model.modules()]   # restored per module (frozen BatchNorms stay in eval)
-    model.eval()
-    try:
-        similarity = embed_images(model, images, batch_size) @ embed_texts(model, tokens, 4 * batch_size).t()
-    finally:
-        for module, mode in modes:
-            module.training = mode
-    return retrieval_recall(similarity, text_image, ks=ks, ties=ties)

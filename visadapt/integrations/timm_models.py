@@ -2,10 +2,10 @@
 
 ::
 
-    import visadapt, visadapt.timm
-    model = visadapt.timm.create_model('efficientnet_lite0', pretrained='packaged', num_classes=10,
+    import visadapt, visadapt.integrations.timm_models
+    model = visadapt.integrations.timm_models.create_model('efficientnet_lite0', pretrained='packaged', num_classes=10,
                                        adapter=visadapt.FLoRAConfig(r=4, r3=2))
-    # or: model = visadapt.timm.wrap(timm.create_model(...), adapter='lora')
+    # or: model = visadapt.integrations.timm_models.wrap(timm.create_model(...), adapter='lora')
     print(visadapt.summary(model))
 
 timm's idioms keep working: ``model.pretrained_cfg`` (mean/std/input size, and ``file`` when weights came from a
@@ -45,9 +45,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig, config_from_dict, get_config_class
-from .site import SUPPORTED_LAYER_TYPES
-from .tuner import inject
+from ..core import (SUPPORTED_LAYER_TYPES, AdapterConfig, AdapterSpec, check_state_dict, get_config_class, inject,
+                    is_adapter_key, is_plain_layer, matches, parse_adapter_spec, read_state_dict)
 
 try:
     import timm as _timm
@@ -57,18 +56,17 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     _has_timm = False
 
 __all__ = ['create_model', 'wrap', 'make_config', 'preset_fields', 'model_family', 'classifier_names',
-           'load_pretrained', 'read_state_dict', 'PackagedWeights', 'PACKAGED_WEIGHTS', 'has_timm']
+           'load_pretrained', 'PackagedWeights', 'PACKAGED_WEIGHTS', 'has_timm']
 
 _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-AdapterSpec = Union[AdapterConfig, Mapping[str, Any], str, None]
 
 
 def has_timm(necessary: bool = False) -> bool:
     """True if timm is importable; with ``necessary=True`` raise ImportError with the install command instead."""
     if not _has_timm and necessary:
-        raise ImportError("visadapt.timm needs timm; install it with: pip install 'visadapt[timm]' (or pip install timm)")
+        raise ImportError("visadapt.integrations.timm_models needs timm; install it with: pip install 'visadapt[timm]' (or pip install timm)")
     return _has_timm
 
 
@@ -127,39 +125,6 @@ PACKAGED_WEIGHTS: Dict[str, PackagedWeights] = {
 
 
 # ---- reading and loading state dicts -------------------------------------------------------------------------------
-def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Read a checkpoint file without unpickling arbitrary objects.
-
-    ``.safetensors`` files go through safetensors; anything else through ``torch.load(weights_only=True)``. A
-    training checkpoint's ``state_dict`` / ``model`` / ``state_dict_ema`` entry is unwrapped (in that order of
-    preference) and a DistributedDataParallel ``module.`` prefix is stripped.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file {path!r} not found')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        try:
-            state = load_file(path)
-        except Exception as err:  # safetensors raises several types for bad files
-            raise ValueError(f'{path!r} is not a valid safetensors file: {err}') from None
-    else:
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as err:  # pickle errors, zip errors, weights_only refusals
-            raise ValueError(f'cannot read checkpoint {path!r} with torch.load(weights_only=True): {err}') from None
-    if isinstance(state, Mapping):
-        for key in ('state_dict', 'model', 'state_dict_ema'):
-            if isinstance(state.get(key), Mapping):
-                state = state[key]
-                break
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f'{path!r} does not hold a state dict (a mapping of names to tensors)')
-    if state and all(k.startswith('module.') for k in state):
-        state = {k[len('module.'):]: v for k, v in state.items()}
-    return dict(state)
-
-
 def classifier_names(model: nn.Module) -> List[str]:
     """Module names of the model's classifier(s) (timm's ``pretrained_cfg['classifier']``, else ``get_classifier``)."""
     modules = dict(model.named_modules())
@@ -179,7 +144,7 @@ def _is_classifier_key(key: str, heads: Sequence[str]) -> bool:
 
 def _model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The base model's state (adapter tensors left out)."""
-    return {k: v for k, v in model.state_dict().items() if 'visadapt' not in k.split('.')}
+    return {k: v for k, v in model.state_dict().items() if not is_adapter_key(k)}
 
 
 @torch.no_grad()
@@ -215,26 +180,15 @@ def load_pretrained(model: nn.Module, source: Union[PathLike, Mapping[str, torch
                                  f'the model key it maps to, {key!r}, has shape {tuple(ref.shape)}')
             mapped[key] = tensor
         state = mapped
-    missing = [k for k in target if k not in state]
-    unexpected = [k for k in state if k not in target]
-    if missing or unexpected:
-        first = missing[0] if missing else unexpected[0]
-        raise ValueError(f'{what} does not match the model: key {first!r} is '
-                         f'{"missing from the file" if missing else "not in the model"} '
-                         f'({len(missing)} missing, {len(unexpected)} unexpected)')
-    skipped = []
-    for key, ref in target.items():
-        got = state[key]
-        if tuple(got.shape) != tuple(ref.shape):
-            if not _is_classifier_key(key, heads):
-                raise ValueError(f'{what}: tensor {key!r} has shape {tuple(got.shape)} in the file but '
-                                 f'{tuple(ref.shape)} in the model')
-            skipped.append(key)
+    # a classifier re-sized with num_classes keeps its fresh init; everything else is checked by the core
+    skipped = [k for k, ref in target.items() if _is_classifier_key(k, heads) and k in state
+               and tuple(state[k].shape) != tuple(ref.shape)]
     for key in skipped:
         del state[key]
+    check_state_dict({k: v for k, v in target.items() if k not in skipped}, state, what)
     model.load_state_dict(state, strict=False)
     if skipped:
-        _logger.info('visadapt.timm: classifier %s re-initialized (file shape differs: num_classes changed)', skipped)
+        _logger.info('visadapt.integrations.timm_models: classifier %s re-initialized (file shape differs: num_classes changed)', skipped)
     return skipped
 
 
@@ -249,12 +203,6 @@ def model_family(model: nn.Module) -> str:
     if 'VisionTransformer' in names:
         return 'vit'
     return 'generic'
-
-
-def _plain(module: nn.Module) -> bool:
-    """A supported layer whose forward is exactly its base class's (not e.g. timm's Conv2dSame)."""
-    base = next((t for t in SUPPORTED_LAYER_TYPES if isinstance(module, t)), None)
-    return base is not None and type(module).forward is base.forward
 
 
 def _slice_fields(config_cls: type) -> Optional[Dict[str, Any]]:
@@ -296,7 +244,7 @@ def preset_fields(model: nn.Module, method: Union[str, type, AdapterConfig] = 'F
         if slices:
             fields.update(slices)
     else:
-        has_conv = any(isinstance(m, nn.Conv2d) and _plain(m) for _, m in modules)
+        has_conv = any(isinstance(m, nn.Conv2d) and is_plain_layer(m) for _, m in modules)
         fields = {'target_types': ['Conv2d'] if has_conv else ['Linear'], 'include': None}
     supported = {t.__name__ for t in config_cls.supported_types}
     wanted = fields['target_types']
@@ -306,21 +254,16 @@ def preset_fields(model: nn.Module, method: Union[str, type, AdapterConfig] = 'F
                          f'targets {wanted}; pass your own target_types/include, or preset=None')
     types = tuple(t for t in SUPPORTED_LAYER_TYPES if t.__name__ in fields['target_types'])
     # never adapt the classifier (trained fully) nor layers whose forward is not the plain op
-    odd = [n for n, m in modules if isinstance(m, types) and not _plain(m)]
+    odd = [n for n, m in modules if isinstance(m, types) and not is_plain_layer(m)]
     fields['exclude'] = [h for h in heads if isinstance(dict(model.named_modules())[h], types)] + odd
     if fields['include'] is not None:  # drop patterns that select nothing of the kept types (e.g. Linear-free MLPs)
         kept = [p for p in fields['include']
-                if any(isinstance(m, types) and _matches(n, p) for n, m in modules)]
+                if any(isinstance(m, types) and matches(n, p) for n, m in modules)]
         if not kept:
             raise ValueError(f'the {family} preset selects no {fields["target_types"]} layer in this model for '
                              f'{config_cls.method}; pass your own target_types/include')
         fields['include'] = kept
     return fields
-
-
-def _matches(name: str, pattern: str) -> bool:
-    from .config import matches
-    return matches(name, pattern)
 
 
 _TARGET_FIELDS = ('target_types', 'include', 'exclude', 'slices')
@@ -340,25 +283,17 @@ def _explicit_targets(config: AdapterConfig) -> set:
             if f.name in _TARGET_FIELDS and getattr(config, f.name) != _field_default(f)}
 
 
-def _as_config(adapter: AdapterSpec, heads: Sequence[str]) -> AdapterConfig:
-    """A config from a config, a dict with a 'method' key, or a method name (built with its defaults)."""
-    if isinstance(adapter, AdapterConfig):
-        return adapter
-    if isinstance(adapter, str):
-        cls = get_config_class(adapter)
-        if not getattr(cls, 'adapts_layers', True) and not getattr(cls, 'trains_all', False):
-            if not heads:  # e.g. HeadOnly on a model without a classifier
-                raise ValueError(f'{cls.method} trains only train_modules, but this model has no classifier with '
-                                 f'parameters; pass a config with train_modules')
-            return cls(train_modules=list(heads))
-        return cls()
-    if isinstance(adapter, Mapping):
-        if 'method' not in adapter and 'type' not in adapter:
-            raise ValueError(f"adapter dict needs a 'method' (or 'type') key, e.g. {{'method': 'FLoRA', 'r': 4}}; "
-                             f'got keys {sorted(adapter)}')
-        return config_from_dict(dict(adapter))
-    raise TypeError(f'adapter must be an AdapterConfig, a dict with a "method" key or a method name, got '
-                    f'{type(adapter).__name__}')
+def _spec_defaults(heads: Sequence[str]):
+    """Defaults for a spec given by name or dict: a layer-free method that trains only train_modules (HeadOnly)
+    trains the classifier."""
+    def defaults(cls: type) -> Dict[str, Any]:
+        if cls.adapts_layers or cls.trains_all:
+            return {}
+        if not heads:  # e.g. HeadOnly on a model without a classifier
+            raise ValueError(f'{cls.method} trains only train_modules, but this model has no classifier with '
+                             f'parameters; pass a config with train_modules')
+        return {'train_modules': list(heads)}
+    return defaults
 
 
 def make_config(model: nn.Module, adapter: AdapterSpec, *, preset: Optional[str] = 'auto', train_head: bool = True,
@@ -377,17 +312,17 @@ def make_config(model: nn.Module, adapter: AdapterSpec, *, preset: Optional[str]
         raise ValueError(f"preset={preset!r} is not valid; use 'auto' or None")
     modules = dict(model.named_modules())
     heads = [h for h in classifier_names(model) if any(True for _ in modules[h].parameters())]
-    config = _as_config(adapter, heads)
+    config = parse_adapter_spec(adapter, _spec_defaults(heads))
     updates: Dict[str, Any] = {}
     if train_head and not getattr(config, 'trains_all', False):
         train = list(config.train_modules)
-        train += [h for h in heads if not any(_matches(h, p) for p in train)]
+        train += [h for h in heads if not any(matches(h, p) for p in train)]
         if train != list(config.train_modules):
             updates['train_modules'] = train
     explicit = _explicit_targets(config)
     if preset == 'auto' and getattr(config, 'adapts_layers', True):
         if explicit:
-            _logger.info('visadapt.timm: config sets %s explicitly; preset not applied', sorted(explicit))
+            _logger.info('visadapt.integrations.timm_models: config sets %s explicitly; preset not applied', sorted(explicit))
         else:
             updates.update(preset_fields(model, config, mlp=mlp, proj=proj))
     if not updates:

@@ -30,7 +30,7 @@ Reference configurations on the same layers:
   mode (``bypass_mode=True``: x → down → up added to the frozen output). LyCORIS forces rebuild mode on grouped convs;
   the count is recorded.
 
-Visadapt methods come from the registry ``visadapt.METHODS``; ``visadapt.budget.match_budget`` sets each one's rank
+Visadapt methods come from the registry ``visadapt.METHODS``; ``visadapt.core.budget.match_budget`` sets each one's rank
 (its ``budget_field``, at most ``--max-rank``) so that its trainable count is closest to the budget: visadapt LoRA at
 rank ``--rank`` on the target layers, unless ``--budget`` gives a parameter count. SVFT runs its banded pattern with
 the band width as the knob (``MATCH_PRESETS``); methods without a rank keep their fixed count, full fine-tuning trains
@@ -73,12 +73,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import visadapt  # noqa: E402
-from visadapt.budget import BudgetCounter, budget_field, count_adapter_params, match_budget  # noqa: E402
-from visadapt.io import atomic_write_bytes  # noqa: E402
-from visadapt.layer import iter_adapted  # noqa: E402
-from visadapt.site import site_from_module  # noqa: E402
+import visadapt
+from visadapt.core.budget import BudgetCounter, budget_field, count_adapter_params, match_budget
+from visadapt.core import atomic_write_bytes
+from visadapt.core import iter_adapted
+from visadapt.core import site_from_module
 
 BASELINES = ('base', 'limit', 'peft', 'lycoris-locon', 'lycoris-locon-bypass', 'lycoris-tucker',
              'lycoris-tucker-bypass')
@@ -347,7 +346,7 @@ MATCH_PRESETS: Dict[str, Tuple[Dict[str, Any], str]] = {'svft': ({'pattern': 'ba
 
 def match_method(method: str, model: nn.Module, targets: List[str], budget: int, max_rank: int,
                  counter: BudgetCounter) -> Tuple[visadapt.AdapterConfig, int, List[str], str]:
-    """``method``'s config on ``targets`` with its trainable count closest to ``budget`` (``visadapt.budget``).
+    """``method``'s config on ``targets`` with its trainable count closest to ``budget`` (``visadapt.core.budget``).
 
     Methods without a rank keep their fixed count; full fine-tuning trains every parameter. Returns (config,
     trainable count, layers the method refused, how the count was set).

@@ -70,7 +70,7 @@ def build_cfg(args: argparse.Namespace):
     elif args.load_from is not None:
         cfg.load_from = args.load_from
     if cfg.get('adapter') is not None and cfg.get('runner_type') is None:
-        import visadapt.mm  # noqa: F401  (registers VisadaptRunner)
+        import visadapt.integrations.openmmlab  # noqa: F401  (registers VisadaptRunner)
         cfg.runner_type = 'VisadaptRunner'
     return cfg
 

@@ -8,6 +8,7 @@ materialized (W + ΔW) path and every factorized bypass chain needs, so the conv
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -16,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Site', 'site_from_module', 'base_weight', 'base_bias', 'SUPPORTED_LAYER_TYPES', 'run_op', 'base_flops']
+__all__ = ['Site', 'site_from_module', 'base_weight', 'base_bias', 'SUPPORTED_LAYER_TYPES', 'is_plain_layer', 'run_op',
+           'pointwise', 'output_positions', 'input_positions', 'base_flops']
 
 # Modules whose forward is exactly "F.linear / F.convNd with self.weight and self.bias". Subclasses that override
 # ``forward`` (e.g. timm's Conv2dSame) compute something else and are refused with a clear error.
@@ -35,6 +37,7 @@ class Site:
         stride, padding, dilation, groups, padding_mode: conv geometry (unused for Linear). ``padding`` may be a
             string (``'same'``/``'valid'``) exactly as the layer has it.
         reversed_padding: the layer's ``_reversed_padding_repeated_twice`` for non-zero padding modes.
+        has_bias: whether the layer has a bias parameter (BitFit folds Δb into it; without one it has no weight path).
     """
     kind: str
     weight_shape: Tuple[int, ...]
@@ -44,6 +47,7 @@ class Site:
     groups: int = 1
     padding_mode: str = 'zeros'
     reversed_padding: Tuple[int, ...] = ()
+    has_bias: bool = True
 
     @property
     def out_features(self) -> int:
@@ -73,8 +77,7 @@ class Site:
 
     def with_shape(self, weight_shape: Sequence[int]) -> 'Site':
         """Same geometry, different weight shape (used for fused-weight slices)."""
-        return Site(self.kind, tuple(weight_shape), self.stride, self.padding, self.dilation, self.groups,
-                    self.padding_mode, self.reversed_padding)
+        return dataclasses.replace(self, weight_shape=tuple(weight_shape))
 
 
 def site_from_module(module: nn.Module) -> Site:
@@ -85,8 +88,9 @@ def site_from_module(module: nn.Module) -> Site:
                         f'in_proj_weight (kdim == vdim == embed_dim) can be adapted')
     if '_va_site' in module.__dict__:  # already adapted (a second adapter on the same layer): the recorded geometry
         return module.__dict__['_va_site']
+    has_bias = base_bias(module) is not None
     if isinstance(module, nn.MultiheadAttention):  # the fused in-projection (q; k; v) stacked on the output dim
-        return Site('linear', tuple(module.in_proj_weight.shape))
+        return Site('linear', tuple(module.in_proj_weight.shape), has_bias=has_bias)
     if not isinstance(module, SUPPORTED_LAYER_TYPES):
         raise TypeError(
             f'unsupported layer type {type(module).__module__}.{type(module).__name__}; supported: '
@@ -101,12 +105,18 @@ def site_from_module(module: nn.Module) -> Site:
             f'supported: plain ' + ', '.join(f'nn.{t.__name__}' for t in SUPPORTED_LAYER_TYPES))
     shape = tuple(module.weight.shape)
     if isinstance(module, nn.Linear):
-        return Site('linear', shape)
+        return Site('linear', shape, has_bias=has_bias)
     if getattr(module, 'transposed', False):
         raise TypeError(f'unsupported layer type {type(module).__name__} (transposed convolution)')
     return Site('conv', shape, tuple(module.stride), module.padding if isinstance(module.padding, str)
                 else tuple(module.padding), tuple(module.dilation), module.groups, module.padding_mode,
-                tuple(module._reversed_padding_repeated_twice))
+                tuple(module._reversed_padding_repeated_twice), has_bias)
+
+
+def is_plain_layer(module: nn.Module) -> bool:
+    """True for a supported layer whose ``forward`` is its base class's own (so not e.g. timm's ``Conv2dSame``)."""
+    base = next((t for t in SUPPORTED_LAYER_TYPES if isinstance(module, t)), None)
+    return base is not None and type(module).forward is base.forward
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:

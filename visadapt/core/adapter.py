@@ -9,19 +9,24 @@ A method subclasses :class:`Adapter`, declares its tensors in ``__init__``, init
 * ``bypass(x, out, bias)``: a factorized path that adds the update to the frozen layer's output without
   materializing ΔW, with ``bypass_macs`` so the core can pick the cheaper path per input shape.
 
+Optionally ``factor_form()`` declares the update's exact factored form (:class:`visadapt.core.factors.Factors`), which
+every export reads. What an adapter can do (``has_weight_path``, ``has_bypass``, ``mergeable``) are read-only
+properties derived from its state, fixed once it is built.
+
 Everything else (targeting, freezing, merge bookkeeping, save/load, dtype policy) is written once in the core.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from .factors import Factors
 from .path_cost import cost_model
 from .site import Site
 
-__all__ = ['Adapter']
+__all__ = ['Adapter', 'FORWARD_PATHS']
 
 FORWARD_PATHS = ('auto', 'weight', 'bypass')
 
@@ -34,13 +39,6 @@ class Adapter(nn.Module):
         site: the adapted weight's geometry.
         weight: the frozen base weight (read-only; SVD-based methods derive buffers from it).
     """
-    #: can this update be folded into W exactly?
-    mergeable: ClassVar[bool] = True
-    #: does the method implement ``delta_weight``/``adapted_weight`` (the weight path)?
-    has_weight_path: ClassVar[bool] = True
-    #: does the method implement ``bypass``/``bypass_macs`` (the factorized path)?
-    has_bypass: ClassVar[bool] = False
-
     def __init__(self, config: Any, site: Site, weight: torch.Tensor):
         super().__init__()
         self.config = config
@@ -48,11 +46,33 @@ class Adapter(nn.Module):
         self.forward_path = getattr(config, 'forward_path', 'auto')
         if self.forward_path not in FORWARD_PATHS:
             raise ValueError(f"forward_path={self.forward_path!r} is not valid; use one of {FORWARD_PATHS}")
-        if self.forward_path == 'bypass' and not self.has_bypass:
-            raise ValueError(f"forward_path='bypass' is not available for {type(self).__name__}; use 'weight' or 'auto'")
-        if self.forward_path == 'weight' and not self.has_weight_path:
-            raise ValueError(f"forward_path='weight' is not available for {type(self).__name__}; use 'bypass' or 'auto'")
         self._path_cache: Dict[Tuple, bool] = {}
+
+    # ---- what this adapter can do (derived from its state; subclasses override) ----------------------------------
+    @property
+    def has_weight_path(self) -> bool:
+        """Does it implement ``delta_weight``/``adapted_weight`` (the weight path) here?"""
+        return True
+
+    @property
+    def has_bypass(self) -> bool:
+        """Does it implement ``bypass``/``bypass_macs`` (the factorized path) here?"""
+        return False
+
+    @property
+    def mergeable(self) -> bool:
+        """Can its update be folded into W exactly?"""
+        return self.has_weight_path
+
+    def check_forward_path(self) -> None:
+        """Raise ValueError if the configured ``forward_path`` is one this adapter does not have (the core calls it
+        once the adapter is built)."""
+        if self.forward_path == 'bypass' and not self.has_bypass:
+            raise ValueError(f"forward_path='bypass' is not available for {type(self).__name__} here "
+                             f"({self.why_no_bypass()}); use 'weight' or 'auto'")
+        if self.forward_path == 'weight' and not self.has_weight_path:
+            raise ValueError(f"forward_path='weight' is not available {self.why_no_weight_path()}; use 'bypass' or "
+                             f"'auto'")
 
     # ---- the update, in weight form -------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
@@ -66,6 +86,10 @@ class Adapter(nn.Module):
     def restored_weight(self, merged: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`adapted_weight` (used by unmerge)."""
         return merged - self.delta_weight().to(merged.dtype)
+
+    def check_restorable(self) -> None:
+        """Raise ValueError if :meth:`restored_weight` cannot invert the merged weight (the core asks before it
+        unmerges anything, so a refusal leaves the model unchanged)."""
 
     def adapted_bias(self, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return bias
@@ -87,7 +111,7 @@ class Adapter(nn.Module):
         return None
 
     def bypass_ops(self) -> int:
-        """Matmul/conv calls in one forward of :meth:`bypass` (each has a fixed cost, see ``visadapt.path_cost``)."""
+        """Matmul/conv calls in one forward of :meth:`bypass` (each has a fixed cost, see ``visadapt.core.path_cost``)."""
         return 2
 
     def delta_ops(self) -> int:
@@ -97,7 +121,7 @@ class Adapter(nn.Module):
     # ---- choices and bookkeeping ---------------------------------------------------------------------------------
     def use_bypass(self, x: torch.Tensor) -> bool:
         """Pick the path for this input: forced by ``config.forward_path``, else the one
-        :mod:`visadapt.path_cost` predicts cheaper for this shape, device and mode (training or not); cached per
+        :mod:`visadapt.core.path_cost` predicts cheaper for this shape, device and mode (training or not); cached per
         input shape."""
         if self.forward_path == 'bypass' or not self.has_weight_path:
             return True
@@ -112,10 +136,28 @@ class Adapter(nn.Module):
             self._path_cache[key] = choice
         return choice
 
+    def factor_form(self) -> Factors:
+        """The exact factored form of the update (see :mod:`visadapt.core.factors`), read by every export.
+
+        Raises ValueError naming the method when it has none (the default).
+        """
+        raise ValueError(f'{self.config.method} has no exact low-rank (LoRA or Tucker) form: '
+                         f'{self.why_no_factors()}')
+
+    def why_no_factors(self) -> str:
+        return 'its update is not a product of small factors'
+
     def mpc_factors(self):
         """Down/up matrices for the MPC regularizers: a list of (A (r×in), B (out×r)) pairs, or None if the method
         has no such factors. Gradients must flow through them (they are the adapter's own parameters or views)."""
         return None
+
+    def why_no_weight_path(self) -> str:
+        """Completes "forward_path='weight' is not available ..."."""
+        return f'for {type(self).__name__} here ({self.why_not_mergeable()})'
+
+    def why_no_bypass(self) -> str:
+        return f'{self.config.method} has no factorized path'
 
     def why_not_mergeable(self) -> str:
         return 'its update is not a function of the weight alone'

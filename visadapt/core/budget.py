@@ -2,7 +2,7 @@
 
 The papers compare methods "at an equal budget" by tuning ranks by hand; here it is one call::
 
-    match = visadapt.budget.match_budget(model, visadapt.DoRAConfig(target_types=['Conv2d']), target=250_000)
+    match = visadapt.core.budget.match_budget(model, visadapt.DoRAConfig(target_types=['Conv2d']), target=250_000)
     print(match)     # timm efficientnet_lite0: DoRA r=7: 245,645 trainable parameters (target 250,000, -1.7%)
     visadapt.inject(model, match.config)
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig
-from .tuner import adapter_names, inject, remove
+from .tuner import adapter_names, get_injection, inject, remove
 
 __all__ = ['budget_field', 'count_adapter_params', 'match_budget', 'BudgetMatch', 'BudgetCounter']
 
@@ -108,7 +108,6 @@ class BudgetCounter:
 
 
 def _trainable_of(model: nn.Module, names: Iterable[str]) -> int:
-    from .tuner import get_injection
     modules = dict(model.named_modules())
     seen, total = set(), 0
     for name in names:
@@ -157,8 +156,9 @@ class BudgetMatch:
 
 def match_budget(model: nn.Module, config: AdapterConfig, target: int, *, field: Optional[str] = None,
                  values: Optional[Iterable[int]] = None, max_value: int = 65536, count: str = 'adapter',
-                 counter: Optional[BudgetCounter] = None) -> BudgetMatch:
-    """Choose ``config``'s rank so its trainable count on ``model`` is as close as possible to ``target``.
+                 counter: Optional[BudgetCounter] = None, at_most: bool = False) -> BudgetMatch:
+    """Choose ``config``'s rank so its trainable count on ``model`` is as close as possible to ``target`` (with
+    ``at_most``: the largest count that does not exceed it).
 
     Args:
         model: the model the adapter is for (not modified).
@@ -172,6 +172,8 @@ def match_budget(model: nn.Module, config: AdapterConfig, target: int, *, field:
             frozen shared matrices are large; :attr:`BudgetMatch.value` says what was chosen.
         count: ``'adapter'`` or ``'trainable'`` (see :class:`BudgetCounter`).
         counter: a :class:`BudgetCounter` to reuse across calls on the same model (shares its cache).
+        at_most: never exceed ``target`` (e.g. to give a baseline no more parameters than the method it is
+            compared with).
     Returns:
         A :class:`BudgetMatch`; ties between two values go to the smaller one.
     Raises:
@@ -209,6 +211,12 @@ def match_budget(model: nn.Module, config: AdapterConfig, target: int, *, field:
         tried = sorted(counts)
         raise ValueError(f'{config.method}: no value of {field} in {tried[:8]}{"..." if len(tried) > 8 else ""} '
                          f'gives a valid adapter for this model')
+    if at_most:
+        valid = {v: c for v, c in valid.items() if c <= target}
+        if not valid:
+            raise ValueError(f'a parameter budget of {target:,} is too small for {config.method}: the smallest '
+                             f'{field} tried already needs {min(c for c in counts.values() if c is not None):,} '
+                             f'parameters on these layers')
     best = min(valid, key=lambda v: (abs(valid[v] - target), v))
     return BudgetMatch(dataclasses.replace(config, **{field: best}), field, best, valid[best], target, counts)
 

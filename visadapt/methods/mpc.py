@@ -14,13 +14,13 @@ so the paper's AᵀA becomes A Aᵀ and its B Bᵀ becomes Bᵀ B:
 
 Which methods support it: those whose config mixes in :class:`MPCConfigMixin` and whose adapter implements
 :meth:`visadapt.Adapter.mpc_factors`: LoRA, DoRA (o/d), MELoRA (one pair per mini-LoRA), MoSLoRA (A and B around
-the mixer), FLoRA (o/d: the in-channel factor A^(2)ᵀ and the out-channel factor A^(1)). Other configs have no
-``mpc`` field, so asking for it fails at config time.
+the mixer), SeRA (the blocks of its block-diagonal A and B), FLoRA (o/d: the in-channel factor A^(2)ᵀ and the
+out-channel factor A^(1)). Other configs have no ``mpc`` field, so asking for it fails at config time.
 
 Two ways to train with the o/d regularizers:
 
 1. add it to the loss yourself: ``loss = task_loss + visadapt.regularization_loss(model)``;
-2. leave the training loop untouched: ``visadapt.mpc.attach_regularizer(model)`` registers, on every adapter
+2. leave the training loop untouched: ``visadapt.methods.mpc.attach_regularizer(model)`` registers, on every adapter
    parameter that appears in some MPC factor, a hook that runs after the parameter's gradient has been accumulated
    in a backward pass and adds d(regularization_loss)/dθ to ``θ.grad``. One backward then yields exactly the
    gradients of ``task_loss + regularization_loss(model)`` (tested), so timm/mmengine/diffusers loops need no edit.
@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layer import iter_adapted
+from ..core.layer import iter_adapted
 
 __all__ = ['MPCConfigMixin', 'MPCAdapterMixin', 'MPC_KINDS', 'MPC_ACTIVATIONS', 'mpc_loss', 'gram_penalty',
            'regularization_loss', 'attach_regularizer', 'detach_regularizer', 'RegularizerHandle']
@@ -81,28 +81,35 @@ class MPCConfigMixin:
 class MPCAdapterMixin:
     """Adapter side of MPC_n: call :meth:`_init_mpc` in ``__init__`` after ``Adapter.__init__``.
 
-    Sets ``self.mpc_act`` (the activation for ``mpc='n'``, else None); with MPC_n the adapter loses its weight path
-    and its mergeability (instance attributes), and a forced ``forward_path='weight'`` is refused.
+    Sets ``self.mpc_act`` (the activation for ``mpc='n'``, else None); with MPC_n the adapter has no weight path
+    (so it is not mergeable and a forced ``forward_path='weight'`` is refused) and no exact factored form.
     """
     mpc_act: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def _init_mpc(self, config: MPCConfigMixin) -> None:
         self.mpc_act = MPC_ACTIVATIONS[config.mpc_act] if config.mpc == 'n' else None
-        if self.mpc_act is None:
-            return
-        if not self.has_bypass:
+        if self.mpc_act is not None and not self.has_bypass:
             raise ValueError(f"mpc='n' needs the factorized bypass path (B σ(A x)), which {type(self).__name__} "
                              f"does not have for this layer; use mpc='o' or 'd'")
-        if self.forward_path == 'weight':
-            raise ValueError("forward_path='weight' is not available with mpc='n' (B σ(A x) is not a matrix); use "
-                             "'bypass' or 'auto'")
-        self.has_weight_path = False
-        self.mergeable = False
+
+    @property
+    def has_weight_path(self) -> bool:
+        return self.mpc_act is None and super().has_weight_path
 
     def why_not_mergeable(self) -> str:
         if self.mpc_act is not None:
             return "mpc='n' puts a nonlinearity between A and B, so the update B σ(A x) is not a weight matrix"
         return super().why_not_mergeable()
+
+    def why_no_weight_path(self) -> str:
+        if self.mpc_act is not None:
+            return "with mpc='n' (B σ(A x) is not a matrix)"
+        return super().why_no_weight_path()
+
+    def why_no_factors(self) -> str:
+        if self.mpc_act is not None:
+            return "mpc='n' puts a nonlinearity between A and B"
+        return super().why_no_factors()
 
     def _check_weight_path(self) -> None:
         if self.mpc_act is not None:

@@ -35,9 +35,8 @@ from typing import Any, Callable, Dict, List
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import visadapt  # noqa: E402
-from visadapt import diffusers as vd  # noqa: E402
+import visadapt
+from visadapt.integrations import diffusers_pipelines as vd
 
 #: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that differ from diffusers' defaults)
 SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -193,7 +192,7 @@ def main() -> None:
         mem = f'{info["peak_mem_gib"]:.2f}' if info['peak_mem_gib'] is not None else 'n/a'
         print(f'{variant:<24} {info["rank"]:>5} {info["trainable"]:>12,} {info["step_ms"]:>9.1f} {mem:>9}', flush=True)
     if args.out:
-        from visadapt.io import atomic_write_bytes
+        from visadapt.core import atomic_write_bytes
         atomic_write_bytes(args.out, json.dumps(results, indent=2).encode())
 
 

@@ -2,7 +2,7 @@
 
 Add three keys to any mmdet or mmseg config::
 
-    custom_imports = dict(imports=['visadapt.mm'], allow_failed_imports=False)
+    custom_imports = dict(imports=['visadapt.integrations.openmmlab'], allow_failed_imports=False)
     runner_type = 'VisadaptRunner'
     adapter = dict(type='FLoRA', r=16, r3=2, scale=4.0)     # any visadapt method: LoRA, DoRA, BitFit, SVFT, ...
 
@@ -11,7 +11,7 @@ and train with mmdet's / mmseg's own ``tools/train.py`` (or visadapt's ``tools/m
 * :class:`TimmBackbone` (registered in mmdet's and mmseg's ``MODELS``): any timm model with
   ``forward_intermediates`` (ConvNeXt(-V2), EfficientNet, MobileNet, ResNet, ...) as a multi-scale backbone.
   ``pretrained`` is a local file or ``'packaged'`` (weights shipped in a pip package, see
-  :data:`visadapt.timm.PACKAGED_WEIGHTS`); a hub is never contacted. Parameter names are timm's own
+  :data:`visadapt.integrations.timm_models.PACKAGED_WEIGHTS`); a hub is never contacted. Parameter names are timm's own
   (``backbone.model.stages.0.blocks.0.conv_dw.weight``), so timm checkpoints load by name.
 * :class:`VisadaptRunner` (registered in mmengine's ``RUNNERS``): builds the model, loads its pretrained weights
   (``init_weights``: ``init_cfg`` / ``pretrained``) and a non-adapter ``load_from`` checkpoint, *then* injects the
@@ -53,13 +53,13 @@ try:
     from mmengine.runner import Runner
     from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_to_model
 except ImportError as _err:  # pragma: no cover - exercised only without the extra
-    raise ImportError('visadapt.mm needs mmengine (and mmdet and/or mmsegmentation): pip install "visadapt[mm]" '
+    raise ImportError('visadapt.integrations.openmmlab needs mmengine (and mmdet and/or mmsegmentation): pip install "visadapt[mm]" '
                       'then bash tools/build_mmcv.sh for mmcv with compiled ops') from _err
 
-from . import __version__
-from .config import AdapterConfig, config_from_dict, get_config_class
-from .layer import iter_adapted
-from .tuner import adapter_names, count_parameters, get_injection, inject
+from .._version import __version__
+from ..core import (AdapterConfig, adapter_metadata, adapter_names, adapter_state_keys, check_adapter_metadata,
+                    check_spec_fields, check_state_dict, count_parameters, inject, is_adapter_key, iter_adapted,
+                    parse_adapter_spec)
 
 __all__ = ['TimmBackbone', 'VisadaptRunner', 'AdapterCheckpointHook', 'AdapterStatsHook', 'MPCRegularizerHook',
            'resolve_adapter_config', 'adapter_checkpoint_keys', 'stage_of', 'delta_weight_norms',
@@ -67,7 +67,6 @@ __all__ = ['TimmBackbone', 'VisadaptRunner', 'AdapterCheckpointHook', 'AdapterSt
 
 #: key under ``checkpoint['meta']`` that marks an adapter checkpoint and holds its config
 CHECKPOINT_META_KEY = 'visadapt'
-ADAPTER_ATTR = 'visadapt'
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -108,7 +107,7 @@ class TimmBackbone(BaseModule):
                  pretrained: Union[None, bool, str] = None, norm_eval: bool = True, grad_checkpointing: bool = False,
                  init_cfg: Optional[dict] = None, **model_kwargs: Any):
         super().__init__(init_cfg=init_cfg)
-        from .timm import create_model, has_timm
+        from .timm_models import create_model, has_timm
         has_timm(necessary=True)
         if not isinstance(model_name, str) or not model_name:
             raise TypeError(f'model_name must be a timm architecture name, got {model_name!r}')
@@ -182,24 +181,17 @@ def resolve_adapter_config(model: nn.Module, spec: Union[Mapping[str, Any], Adap
     every top-level child with parameters except ``backbone`` (the neck and heads train fully) for methods that
     take train modules.
     """
-    if isinstance(spec, AdapterConfig):
-        return spec
-    if not isinstance(spec, Mapping):
-        raise TypeError(f"adapter must be a dict such as dict(type='FLoRA', r=8) or an AdapterConfig, "
-                        f'got {type(spec).__name__}')
-    data = dict(spec)
-    method = data.get('type', data.get('method'))
-    if method is None:
-        raise ValueError(f"the adapter dict needs a 'type' key naming a visadapt method (e.g. type='FLoRA'); "
-                         f'got keys {sorted(data)}')
-    cls = get_config_class(method)
     children = dict(model.named_children())
-    if cls.adapts_layers and 'include' not in data and 'backbone' in children:
-        data['include'] = ['backbone.*']
-    if not cls.trains_all and 'train_modules' not in data:
-        data['train_modules'] = [n for n, m in children.items()
-                                 if n != 'backbone' and any(True for _ in m.parameters())]
-    return config_from_dict(data)
+
+    def defaults(cls: type) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        if cls.adapts_layers and 'backbone' in children:
+            out['include'] = ['backbone.*']
+        if not cls.trains_all:
+            out['train_modules'] = [n for n, m in children.items()
+                                    if n != 'backbone' and any(True for _ in m.parameters())]
+        return out
+    return parse_adapter_spec(spec, defaults)
 
 
 def _check_adapter_spec(spec: Any) -> Optional[Dict[str, Any]]:
@@ -210,18 +202,8 @@ def _check_adapter_spec(spec: Any) -> Optional[Dict[str, Any]]:
         return spec.to_dict()
     if not isinstance(spec, Mapping):
         raise TypeError(f"adapter must be a dict such as dict(type='FLoRA', r=8), got {type(spec).__name__}")
-    data = dict(spec)
-    method = data.get('type', data.get('method'))
-    if method is None:
-        raise ValueError(f"the adapter dict needs a 'type' key naming a visadapt method (e.g. type='FLoRA'); "
-                         f'got keys {sorted(data)}')
-    cls = get_config_class(method)
-    fields = set(cls.__dataclass_fields__)
-    unknown = sorted(set(data) - fields - {'type', 'method'})
-    if unknown:
-        raise ValueError(f'unknown {cls.__name__} field(s) {unknown} in the adapter dict; valid fields: '
-                         f'{sorted(f for f in fields if not f.startswith("_"))}')
-    return data
+    check_spec_fields(spec)
+    return dict(spec)
 
 
 # ---- adapter statistics ----------------------------------------------------------------------------------------------
@@ -249,14 +231,9 @@ def delta_weight_norms(model: nn.Module, name: Optional[str] = None) -> Dict[str
     sums: Dict[str, List[float]] = OrderedDict()
     for layer_name, module in iter_adapted(_unwrap(model)):
         for n, adapter in module.visadapt.items():
-            if (name is not None and n != name) or n in module._va_merged or n in module._va_disabled \
-                    or not getattr(adapter, 'has_weight_path', True):
+            if (name is not None and n != name) or not module.is_active(n) or not adapter.has_weight_path:
                 continue
-            try:
-                weight = module.weight
-                dw = adapter.adapted_weight(weight).float() - weight.float()
-            except (NotImplementedError, ValueError):
-                continue
+            dw = module.delta_weight(n, torch.float32)
             sums.setdefault(stage_of(layer_name), []).append(float(torch.linalg.vector_norm(dw)))
     return OrderedDict((k, sum(v) / len(v)) for k, v in sums.items())
 
@@ -272,7 +249,7 @@ def trainable_by_stage(model: nn.Module) -> Dict[str, int]:
             out[key] = out.get(key, 0) + n
     for child_name, child in model.named_children():
         n = sum(p.numel() for pn, p in child.named_parameters()
-                if p.requires_grad and ADAPTER_ATTR not in pn.split('.'))
+                if p.requires_grad and not is_adapter_key(pn))
         if n:
             out[child_name] = out.get(child_name, 0) + n
     return out
@@ -280,32 +257,15 @@ def trainable_by_stage(model: nn.Module) -> Dict[str, int]:
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------------
 def adapter_checkpoint_keys(model: nn.Module) -> List[str]:
-    """Keys of ``model.state_dict()`` an adapter checkpoint keeps: every adapter tensor and every train module's state.
-
-    With a ``FullFinetune`` adapter (train module ``''``) that is the whole state dict.
-    """
-    model = _unwrap(model)
-    train_modules = set()
-    for n in adapter_names(model):
-        train_modules.update(get_injection(model, n).train_modules)
-    if '' in train_modules:
-        return list(model.state_dict().keys())
-    prefixes = tuple(m + '.' for m in sorted(train_modules))
-    return [k for k in model.state_dict().keys()
-            if ADAPTER_ATTR in k.split('.') or (prefixes and k.startswith(prefixes))]
+    """Keys of ``model.state_dict()`` an adapter checkpoint keeps (:func:`visadapt.core.adapter_state_keys`)."""
+    return adapter_state_keys(_unwrap(model))
 
 
 def _checkpoint_meta(model: nn.Module) -> Dict[str, Any]:
     model = _unwrap(model)
-    adapters = {}
-    for n in adapter_names(model):
-        injection = get_injection(model, n)
-        layer_meta = {layer: meta for layer, module in iter_adapted(model, n)
-                      if (meta := module.visadapt[n].metadata())}
-        adapters[n] = {'config': injection.config.to_dict(), 'layers': list(injection.layers),
-                       'train_modules': list(injection.train_modules), 'layer_metadata': layer_meta}
     trainable, total = count_parameters(model)
-    return {'visadapt_version': __version__, 'adapters': adapters, 'trainable': trainable, 'total': total}
+    return {'visadapt_version': __version__, 'trainable': trainable, 'total': total,
+            'adapters': {n: adapter_metadata(model, n) for n in adapter_names(model)}}
 
 
 def _safe_globals() -> list:
@@ -375,36 +335,14 @@ def complete_adapter_checkpoint(model: nn.Module, checkpoint: dict, meta: Mappin
         raise ValueError(f'the checkpoint holds adapter(s) {sorted(saved)} but the model has {sorted(present)}; set '
                          f'the config\'s adapter=dict(...) to the one the checkpoint was trained with')
     for n, entry in saved.items():
-        injection = get_injection(model, n)
-        mine, theirs = injection.config.to_dict(), dict(entry.get('config', {}))
-        if mine != theirs:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(f'adapter {n!r}: the checkpoint was trained with another config (differs in {diff}: '
-                             f'checkpoint {[theirs.get(k) for k in diff]}, model {[mine.get(k) for k in diff]})')
-        if list(entry.get('layers', [])) != list(injection.layers):
-            diff = sorted(set(entry.get('layers', [])) ^ set(injection.layers))
-            raise ValueError(f'adapter {n!r}: the checkpoint adapts other layers than this model (first difference: '
-                             f'{diff[0] if diff else "order"!r})')
-        for layer, module in iter_adapted(model, n):
-            layer_meta = entry.get('layer_metadata', {}).get(layer)
-            if layer_meta:
-                module.visadapt[n].check_metadata(layer_meta, f'checkpoint, layer {layer!r}')
+        check_adapter_metadata(model, n, entry, 'the adapter checkpoint')
     state = checkpoint.get('state_dict', checkpoint)
     for key in [k for k in state if k.startswith('module.')]:
         state[key[len('module.'):]] = state.pop(key)
     model_state = model.state_dict()
     needed = adapter_checkpoint_keys(model)
-    missing = [k for k in needed if k not in state]
-    unexpected = [k for k in state if k not in model_state]
-    if missing or unexpected:
-        first = missing[0] if missing else unexpected[0]
-        raise ValueError(f'the adapter checkpoint does not match the model: key {first!r} is '
-                         f'{"missing from the checkpoint" if missing else "not in the model"} '
-                         f'({len(missing)} missing, {len(unexpected)} unexpected)')
-    for key in needed:
-        if tuple(state[key].shape) != tuple(model_state[key].shape):
-            raise ValueError(f'the adapter checkpoint\'s tensor {key!r} has shape {tuple(state[key].shape)} but the '
-                             f'model\'s has {tuple(model_state[key].shape)}')
+    check_state_dict(model_state, state, 'the adapter checkpoint',
+                     optional=[k for k in model_state if k not in set(needed)])
     for key, value in model_state.items():
         if key not in state:
             state[key] = value

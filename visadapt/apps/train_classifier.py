@@ -3,10 +3,10 @@
 ``tools/train_classifier.py`` and the ``visadapt-train-classifier`` console script run :func:`main`;
 ``tools/compare_methods.py`` runs it once per method and seed. One run:
 
-1. builds a timm model (:func:`visadapt.timm.create_model`: packaged ImageNet weights, a checkpoint file, or random
+1. builds a timm model (:func:`visadapt.integrations.timm_models.create_model`: packaged ImageNet weights, a checkpoint file, or random
    init) with a fresh classifier for the data set's classes;
 2. injects any registered method with the model family's preset targets, at a given rank (``--rank``) or at the
-   rank whose trainable count is closest to ``--budget`` (:mod:`visadapt.budget`); the classifier trains fully;
+   rank whose trainable count is closest to ``--budget`` (:mod:`visadapt.core.budget`); the classifier trains fully;
 3. trains with AdamW and a cosine schedule with linear warm-up, mixed precision where the device supports it
    (bf16, or fp16 with loss scaling, on CUDA; optional bf16 autocast on CPU), evaluating before training (step 0)
    and after every epoch;
@@ -44,9 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import visadapt
-from . import timm as vtimm
-from .budget import budget_field, match_budget
-from .io import atomic_write_bytes
+from ..integrations import timm_models as vtimm
+from ..core.budget import budget_field, match_budget
+from ..core import atomic_write_bytes
 
 __all__ = ['ImageData', 'load_data', 'load_fashion_mnist', 'load_digits', 'load_image_folder', 'build_parser',
            'parse_args', 'run', 'main', 'main_with_args', 'evaluate', 'PRESETS', 'DATA_CACHE', 'FASHION_MNIST_DIRS', 'FASHION_MNIST_CLASSES']
@@ -408,7 +408,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     data = DATA_CACHE.get(key) or load_data(*key)
     model, report, match = build_model_and_config(args, len(data.classes))
     model.to(device)
-    config = visadapt.tuner.get_injection(model, 'default').config
+    config = visadapt.core.tuner.get_injection(model, 'default').config
     cfg = model.pretrained_cfg
     norm = Normalize(cfg.get('mean', (0.485, 0.456, 0.406)), cfg.get('std', (0.229, 0.224, 0.225))).to(device)
     mpc = getattr(config, 'mpc', None) in ('o', 'd')
@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('model and method')
     g.add_argument('--model', default='efficientnet_lite0', help='timm architecture name')
     g.add_argument('--pretrained', default='packaged',
-                   help="'packaged' (weights from a pip package, see visadapt.timm.PACKAGED_WEIGHTS), a checkpoint "
+                   help="'packaged' (weights from a pip package, see visadapt.integrations.timm_models.PACKAGED_WEIGHTS), a checkpoint "
                         "file path, or 'none' for random init")
     g.add_argument('--model-kwargs', default='', help='JSON dict passed to timm.create_model, e.g. \'{"img_size": 32}\'')
     g.add_argument('--method', default='FLoRA', help=f'any registered method: {sorted(c.method for c in visadapt.METHODS.values())}')

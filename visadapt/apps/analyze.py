@@ -30,14 +30,13 @@ import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.nn as nn
 
-import visadapt  # noqa: E402
-from visadapt.analysis import LayerAnalysis, analyze, compare  # noqa: E402
-from visadapt.io import atomic_write_bytes  # noqa: E402
+import visadapt
+from visadapt.core.analysis import LayerAnalysis, analyze, compare
+from visadapt.core import atomic_write_bytes
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -83,7 +82,7 @@ def model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
             raise SystemExit(f'--factory: {target!r} has no callable {attr!r}')
         build = fn
     else:
-        from visadapt.timm import create_model
+        from visadapt.integrations.timm_models import create_model
         pretrained = False if args.pretrained == 'none' else args.pretrained
 
         def build() -> nn.Module:

@@ -4,7 +4,7 @@
 ``out_proj.weight`` to ``F.multi_head_attention_forward`` and never calls ``out_proj.forward()``. So:
 
 * an adapter *on the attention module* updates ``in_proj_weight``/``in_proj_bias`` (usually per q/k/v slice, see
-  :mod:`visadapt.slices`). The adapted class passes the adapted weights to the attention's own forward for that call
+  :mod:`visadapt.core.slices`). The adapted class passes the adapted weights to the attention's own forward for that call
   (weight path only: the projections happen inside the fused kernel, so bypass-only adapters, e.g. ``mpc='n'``, are
   refused at injection). ``merge``/``unmerge`` act on ``in_proj_weight``/``in_proj_bias`` (the adapted class exposes
   them as ``weight``/``bias`` so the core's merge code is shared);
@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .adapter import Adapter
-from .layer import ADAPTER_ATTR, AdaptedLayer, convert, is_adapted, register_adapted_mixin, restore
+from .layer import AdaptedLayer, convert, fold_adapters, is_adapted, is_adapter_key, register_adapted_mixin, restore
 from .site import Site
 
 __all__ = ['AdaptedAttention', 'sync_attention', 'check_attention_adapter']
@@ -56,33 +56,29 @@ class AdaptedAttention(AdaptedLayer):
             return base_forward(query, key, value, *args, **kwargs)
         params: Dict[str, torch.Tensor] = {}
         if own:
-            weight, bias = self.in_proj_weight, self.in_proj_bias
-            for adapter in own:
-                weight, bias = adapter.adapted_weight(weight), adapter.adapted_bias(bias)
-            params['in_proj_weight'] = weight
-            if bias is not None:
-                params['in_proj_bias'] = bias
+            _set_params(params, '', *fold_adapters(own, self.in_proj_weight, self.in_proj_bias), 'in_proj_')
         post = None
         if out_adapters:
             if any(a.use_bypass(query) for a in out_adapters):
                 # run the attention with an identity output projection, then the adapted out_proj layer itself
                 eye = torch.eye(out_proj.in_features, dtype=query.dtype, device=query.device)
-                params['out_proj.weight'] = eye
-                if out_proj.bias is not None:
-                    params['out_proj.bias'] = torch.zeros_like(out_proj.bias)
+                zero = None if out_proj.bias is None else torch.zeros_like(out_proj.bias)
+                _set_params(params, 'out_proj.', eye, zero)
                 post = out_proj
             else:
-                weight, bias = out_proj.weight, out_proj.bias
-                for adapter in out_adapters:
-                    weight, bias = adapter.adapted_weight(weight), adapter.adapted_bias(bias)
-                params['out_proj.weight'] = weight
-                if bias is not None:
-                    params['out_proj.bias'] = bias
+                _set_params(params, 'out_proj.', *fold_adapters(out_adapters, out_proj.weight, out_proj.bias))
         with _reparametrize_module(self, params):
             out, weights = base_forward(query, key, value, *args, **kwargs)
         if post is not None:
             out = post(out)
         return out, weights
+
+
+def _set_params(params: Dict[str, torch.Tensor], prefix: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                stem: str = '') -> None:
+    params[f'{prefix}{stem}weight'] = weight
+    if bias is not None:
+        params[f'{prefix}{stem}bias'] = bias
 
 
 register_adapted_mixin(nn.MultiheadAttention, AdaptedAttention)
@@ -103,7 +99,7 @@ def sync_attention(model: nn.Module) -> None:
     """Convert every nn.MultiheadAttention whose ``out_proj`` holds adapters (so they take effect), and restore the
     class of converted ones that hold no adapter any more. Called by ``inject`` and ``remove``."""
     for name, module in model.named_modules():
-        if not isinstance(module, nn.MultiheadAttention) or ADAPTER_ATTR in name.split('.'):
+        if not isinstance(module, nn.MultiheadAttention) or is_adapter_key(name):
             continue
         out_proj = getattr(module, 'out_proj', None)
         needed = out_proj is not None and is_adapted(out_proj) and len(out_proj.visadapt) > 0

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .layer import iter_adapted
+from .layer import is_adapted, iter_adapted
 
 __all__ = ['LayerAnalysis', 'delta_weight', 'delta_matrix', 'numerical_rank', 'amplification_factor',
            'subspace_similarity', 'analyze', 'compare']
@@ -112,16 +112,9 @@ def delta_weight(module: nn.Module, name: str = 'default') -> torch.Tensor:
 
     Raises ValueError if the adapter is merged (the base weight is not at hand) or has no weight form (MPC_n).
     """
-    if name not in getattr(module, 'visadapt', {}):
-        raise ValueError(f'layer has no adapter {name!r}')
-    if name in module._va_merged:
-        raise ValueError(f'adapter {name!r} is merged into this layer; call visadapt.unmerge(model) before analysing')
-    adapter = module.visadapt[name]
-    if not adapter.has_weight_path:
-        raise ValueError(f'adapter {name!r} ({type(adapter).__name__}) has no weight form to analyse '
-                         f'({adapter.why_not_mergeable()})')
-    weight = module.weight.detach().double()
-    return adapter.adapted_weight(weight).double() - weight
+    if not is_adapted(module):
+        raise ValueError(f'{type(module).__name__} holds no adapter')
+    return module.delta_weight(name, torch.float64)
 
 
 def analyze(model: nn.Module, name: str = 'default', rank: Optional[int] = None,
@@ -146,7 +139,7 @@ def analyze(model: nn.Module, name: str = 'default', rank: Optional[int] = None,
             layer=layer_name, adapter=name, method=module.visadapt[name].config.method,
             weight_shape=list(delta.shape), matrix_shape=list(matrix.shape), singular_values=S,
             frobenius_norm=float(torch.linalg.matrix_norm(matrix)), rank=r, numerical_rank=num_rank,
-            amplification_factor=amplification_factor(matrix, module.weight.detach(), r),
+            amplification_factor=amplification_factor(matrix, module.base_params()[0].detach(), r),
             left_vectors=U[:, :r].clone()))
     if not out:
         raise ValueError(f'adapter {name!r} adapts no layer{" matching " + str(list(layers)) if layers else ""}')

@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 
 from .adapter import Adapter
-from .config import matches
+from .factors import Factors, stack_factors
 from .site import Site
 
-__all__ = ['SLICE_NAMES', 'SlicedAdapter', 'leaf_adapters', 'normalize_slices', 'slices_for', 'build_sliced_adapter']
+__all__ = ['SLICE_NAMES', 'SlicedAdapter', 'normalize_slices', 'build_sliced_adapter']
 
 SLICE_NAMES = ('q', 'k', 'v')
 
@@ -53,13 +53,6 @@ def normalize_slices(slices: Union[Sequence[str], Dict[str, Sequence[str]]]
     return _slice_list(slices, 'slices')
 
 
-def slices_for(slices: Union[None, List[str], Dict[str, List[str]]], layer_name: str) -> Optional[List[str]]:
-    """The slices to adapt in layer ``layer_name`` (None: adapt the whole layer)."""
-    if slices is None or isinstance(slices, list):
-        return slices
-    return next((value for pattern, value in slices.items() if matches(layer_name, pattern)), None)
-
-
 def build_sliced_adapter(config: Any, site: Site, weight: torch.Tensor, chosen: Sequence[str]) -> 'SlicedAdapter':
     """One ``config.adapter_cls`` per chosen slice of the fused weight ``weight`` (3d, in). Raises ValueError."""
     if site.kind != 'linear':
@@ -77,14 +70,10 @@ def build_sliced_adapter(config: Any, site: Site, weight: torch.Tensor, chosen: 
         i = SLICE_NAMES.index(name)
         try:
             parts[name] = config.adapter_cls(per_slice, site.with_shape((d, in_f)), weight[i * d:(i + 1) * d])
+            parts[name].check_forward_path()
         except (ValueError, TypeError) as err:
             raise type(err)(f'slice {name!r}: {err}') from None
     return SlicedAdapter(config, site, weight, parts)
-
-
-def leaf_adapters(adapter: Adapter) -> List[Adapter]:
-    """The method's own adapters inside ``adapter``: its slice parts for a :class:`SlicedAdapter`, else itself."""
-    return adapter.part_adapters() if isinstance(adapter, SlicedAdapter) else [adapter]
 
 
 class SlicedAdapter(Adapter):
@@ -103,8 +92,7 @@ class SlicedAdapter(Adapter):
             self.add_module(name, part)
         self.parts: List[str] = list(parts)
 
-    # what every part offers, read live (a part may lose its weight path after construction, e.g. mpc='n' or
-    # BitFit on a bias-free layer)
+    # what every part offers
     @property
     def has_bypass(self) -> bool:
         return all(self._part(n).has_bypass for n in getattr(self, 'parts', ()))
@@ -155,8 +143,24 @@ class SlicedAdapter(Adapter):
         return torch.cat([self._part(n).restored_bias(p) if n in self.parts else p
                           for n, p in zip(SLICE_NAMES, self._pieces(bias))])
 
+    def check_restorable(self) -> None:
+        for n in self.parts:
+            self._part(n).check_restorable()
+
     def delta_macs(self) -> int:
         return sum(self._part(n).delta_macs() for n in self.parts)
+
+    def factor_form(self) -> Factors:
+        """The parts' forms stacked: ``down`` concatenated, ``up`` placed in its slice's rows (zeros elsewhere)."""
+        forms = [self._part(n).factor_form() for n in self.parts]
+        stacked = stack_factors(forms)
+        up = stacked.up.new_zeros(self.site.out_features, stacked.up.shape[1])
+        col = 0
+        for n, form in zip(self.parts, forms):
+            i, width = SLICE_NAMES.index(n), form.up.shape[1]
+            up[i * self.d:(i + 1) * self.d, col:col + width] = form.up
+            col += width
+        return Factors(stacked.down, up, stacked.mid)
 
     # ---- bypass form ----------------------------------------------------------------------------------------------
     def bypass(self, x: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,9 +1,16 @@
-"""Saving and loading adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Checkpoints of adapters: the one schema, the one validator, and ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-The tensor file holds only the adapter's tensors (keys ``adapter.<layer>.<tensor>``) and the state of the fully
-trained ``train_modules`` (keys ``trained.<base key>``, the base model's own names). Loading validates every key,
-shape and value before anything is changed, and never unpickles: safetensors only. Files are written to a
-temporary name and renamed into place, so an interrupted save never leaves a half-written adapter.
+The schema (used by :func:`save_adapter` and by every integration's checkpoints: mmengine, the trainers):
+
+* tensors: the adapter's tensors (keys ``adapter.<layer>.<tensor>``) and the state of the fully trained
+  ``train_modules`` (keys ``trained.<base key>``, the base model's own names) — :func:`adapter_state_dict`;
+* metadata: :func:`adapter_metadata` — the visadapt version, the adapter name, its config, the adapted layers, the
+  train modules and per-layer facts (e.g. SVFT's base-weight fingerprint), checked by :func:`check_adapter_metadata`.
+
+Loading validates every key, shape, dtype kind and value (:func:`check_state_dict`) before anything is changed, and
+never unpickles: safetensors only (:func:`read_state_dict` reads other checkpoint files with
+``torch.load(weights_only=True)``). Files are written to a temporary name and renamed into place, so an interrupted
+save never leaves a half-written adapter.
 """
 from __future__ import annotations
 
@@ -11,17 +18,19 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Dict, Optional, Union
+from typing import Any, Collection, Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .config import AdapterConfig, config_from_dict
-from .layer import ADAPTER_ATTR, iter_adapted
-from .tuner import _injections, get_injection, inject, remove
+from .._version import __version__
+from .config import AdapterConfig
+from .layer import is_adapter_key, iter_adapted
+from .registry import config_from_dict
+from .tuner import adapter_names, get_injection, inject, remove
 
-__all__ = ['save_adapter', 'load_adapter', 'adapter_state_dict', 'load_adapter_state_dict', 'atomic_write_bytes',
+__all__ = ['save_adapter', 'load_adapter', 'adapter_state_dict', 'load_adapter_state_dict', 'adapter_metadata',
+           'check_adapter_metadata', 'check_state_dict', 'adapter_state_keys', 'read_adapter', 'read_state_dict', 'atomic_write_bytes',
            'atomic_write_files', 'CONFIG_NAME', 'WEIGHTS_NAME']
 
 CONFIG_NAME = 'adapter_config.json'
@@ -90,25 +99,66 @@ def adapter_state_dict(model: nn.Module, name: str = 'default') -> Dict[str, tor
     modules = dict(model.named_modules())
     for mod_name in injection.train_modules:
         for key, tensor in modules[mod_name].state_dict().items():
-            if ADAPTER_ATTR not in key.split('.'):  # adapters inside a train module are saved as adapters
+            if not is_adapter_key(key):  # adapters inside a train module are saved as adapters
                 state[_trained_prefix(mod_name) + key] = tensor.detach().contiguous()
     return state
 
 
-def _layer_metadata(model: nn.Module, name: str) -> Dict[str, Any]:
-    return {layer_name: meta for layer_name, module in iter_adapted(model, name)
-            if (meta := module.visadapt[name].metadata())}
+def adapter_state_keys(model: nn.Module, names: Optional[Collection[str]] = None) -> List[str]:
+    """Keys of ``model.state_dict()`` (the model's own names) that adapters ``names`` (default: all) own: their
+    tensors and their train modules' state. A ``FullFinetune`` adapter (train module ``''``) owns every key.
+
+    What a trainer's slim checkpoint keeps (mmengine checkpoints, resume files); the rest is the frozen base.
+    """
+    names = adapter_names(model) if names is None else list(names)
+    train_modules = {m for n in names for m in get_injection(model, n).train_modules}
+    keys = list(model.state_dict().keys())
+    if '' in train_modules:
+        return keys
+    prefixes = tuple(m + '.' for m in sorted(train_modules))
+    return [k for k in keys if is_adapter_key(k) or (prefixes and k.startswith(prefixes))]
+
+
+def adapter_metadata(model: nn.Module, name: str = 'default') -> Dict[str, Any]:
+    """The schema's JSON metadata of adapter ``name``: version, name, config, layers, train modules, layer facts."""
+    injection = get_injection(model, name)
+    layer_metadata = {layer_name: meta for layer_name, module in iter_adapted(model, name)
+                      if (meta := module.visadapt[name].metadata())}
+    return {'visadapt_version': __version__, 'adapter_name': name, 'config': injection.config.to_dict(),
+            'layers': injection.layers, 'train_modules': injection.train_modules, 'layer_metadata': layer_metadata}
+
+
+def check_adapter_metadata(model: nn.Module, name: str, meta: Mapping[str, Any], source: str,
+                           check_config: bool = True) -> None:
+    """Raise ValueError unless ``meta`` (:func:`adapter_metadata` of a saved adapter) fits adapter ``name`` here.
+
+    Checks the config (with ``check_config``; a loader that built the adapter from ``meta`` skips it), the adapted
+    layers and each layer's own facts (``Adapter.check_metadata``, e.g. SVFT's base-weight fingerprint).
+    """
+    injection = get_injection(model, name)
+    if check_config:
+        mine, theirs = injection.config.to_dict(), dict(meta.get('config', {}))
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f'{source}: adapter {name!r} was trained with another config (differs in {diff}: saved '
+                             f'{[theirs.get(k) for k in diff]}, here {[mine.get(k) for k in diff]})')
+    saved_layers = meta.get('layers')
+    if saved_layers is not None and list(saved_layers) != list(injection.layers):
+        diff = sorted(set(saved_layers) ^ set(injection.layers))
+        raise ValueError(f'{source} was saved for layers that differ from those its config selects in this model '
+                         f'(first difference: {diff[0] if diff else "order"!r})')
+    for layer_name, module in iter_adapted(model, name):
+        layer_meta = (meta.get('layer_metadata') or {}).get(layer_name)
+        if layer_meta:
+            module.visadapt[name].check_metadata(layer_meta, f'{source}, layer {layer_name!r}')
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = 'default') -> None:
     """Write adapter ``name`` to directory ``path`` (created if needed)."""
     from safetensors.torch import save
-    injection = get_injection(model, name)
     path = os.fspath(path)
     state = {k: v.cpu() for k, v in adapter_state_dict(model, name).items()}
-    config = {'visadapt_version': __version__, 'adapter_name': name, 'config': injection.config.to_dict(),
-              'layers': injection.layers, 'train_modules': injection.train_modules,
-              'layer_metadata': _layer_metadata(model, name)}
+    config = adapter_metadata(model, name)
     # both files are fully written before either replaces its previous version
     atomic_write_files({os.path.join(path, WEIGHTS_NAME): save(state, metadata={'format': 'pt', 'library': 'visadapt'}),
                         os.path.join(path, CONFIG_NAME): json.dumps(config, indent=2).encode()})
@@ -138,31 +188,70 @@ def read_adapter(path: Union[str, os.PathLike]):
     return meta, tensors
 
 
-def _check_tensors(model: nn.Module, name: str, tensors: Dict[str, torch.Tensor], source: str) -> None:
-    expected = adapter_state_dict(model, name)
-    missing = [k for k in expected if k not in tensors]
+def check_state_dict(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: str,
+                     optional: Collection[str] = (), check_values: bool = True) -> None:
+    """Raise ValueError unless ``tensors`` has exactly the keys of ``expected`` with the same shapes and kind of
+    dtype (floating or not) and, with ``check_values``, no NaN or Inf. Keys in ``optional`` may be absent.
+
+    The one validator of checkpoints: adapter files, trainers' resume files, mmengine adapter checkpoints and base
+    weights all go through it, so every loader reports a bad file the same way (naming the first bad key).
+    """
+    missing = [k for k in expected if k not in tensors and k not in optional]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:
         first = missing[0] if missing else unexpected[0]
         raise ValueError(f'{source} does not match the model: key {first!r} is '
                          f'{"missing from the file" if missing else "not in the model"} '
                          f'({len(missing)} missing, {len(unexpected)} unexpected)')
-    for key, ref in expected.items():
-        got = tensors[key]
+    for key, got in tensors.items():
+        ref = expected[key]
         if tuple(got.shape) != tuple(ref.shape):
             raise ValueError(f'{source}: tensor {key!r} has shape {tuple(got.shape)} in the file but '
                              f'{tuple(ref.shape)} in the model')
         if ref.is_floating_point() != got.is_floating_point():
             raise ValueError(f'{source}: tensor {key!r} has dtype {got.dtype} in the file but {ref.dtype} in the model')
-        if got.is_floating_point() and not torch.isfinite(got).all():
+        if check_values and got.is_floating_point() and not torch.isfinite(got).all():
             raise ValueError(f'{source}: tensor {key!r} contains NaN or Inf values')
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint file without unpickling arbitrary objects.
+
+    ``.safetensors`` files go through safetensors; anything else through ``torch.load(weights_only=True)``. A
+    training checkpoint's ``state_dict`` / ``model`` / ``state_dict_ema`` entry is unwrapped (in that order of
+    preference) and a DistributedDataParallel ``module.`` prefix is stripped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint file {path!r} not found')
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        try:
+            state = load_file(path)
+        except Exception as err:  # safetensors raises several types for bad files
+            raise ValueError(f'{path!r} is not a valid safetensors file: {err}') from None
+    else:
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as err:  # pickle errors, zip errors, weights_only refusals
+            raise ValueError(f'cannot read checkpoint {path!r} with torch.load(weights_only=True): {err}') from None
+    if isinstance(state, Mapping):
+        for key in ('state_dict', 'model', 'state_dict_ema'):
+            if isinstance(state.get(key), Mapping):
+                state = state[key]
+                break
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f'{path!r} does not hold a state dict (a mapping of names to tensors)')
+    if state and all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    return dict(state)
 
 
 @torch.no_grad()
 def load_adapter_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], name: str = 'default',
                             source: str = 'state dict') -> None:
     """Copy validated ``tensors`` (file key scheme) into adapter ``name`` and its train_modules."""
-    _check_tensors(model, name, tensors, source)
+    check_state_dict(adapter_state_dict(model, name), tensors, source)
     injection = get_injection(model, name)
     for layer_name, module in iter_adapted(model, name):
         prefix = f'{ADAPTER_PREFIX}{layer_name}.'
@@ -193,19 +282,10 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], name: Optional
             raise type(err)(f'{os.path.join(os.fspath(path), CONFIG_NAME)!r}: {err}') from None
     name = name or meta.get('adapter_name', 'default')
     source = f'adapter {os.fspath(path)!r}'
-    saved_layers = meta.get('layers')
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     inject(model, config, name=name)
     try:
-        if saved_layers is not None and saved_layers != get_injection(model, name).layers:
-            now = get_injection(model, name).layers
-            diff = sorted(set(saved_layers) ^ set(now))
-            raise ValueError(f'{source} was saved for layers that differ from those its config selects in this model '
-                             f'(first difference: {diff[0] if diff else "order"!r})')
-        for layer_name, module in iter_adapted(model, name):
-            layer_meta = meta.get('layer_metadata', {}).get(layer_name)
-            if layer_meta:
-                module.visadapt[name].check_metadata(layer_meta, f'{source}, layer {layer_name!r}')
+        check_adapter_metadata(model, name, meta, source, check_config=False)
         load_adapter_state_dict(model, tensors, name, source)
     except BaseException:
         remove(model, name)

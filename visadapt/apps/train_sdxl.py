@@ -13,7 +13,7 @@ Runs unchanged on one process, several GPUs or several nodes through ``accelerat
         --learning_rate 1e-4 --mixed_precision bf16 --conv_rank 8 --attn_method LoRA --attn_rank 8 \\
         --validation_prompt "an apple, clipart style" --output_dir out/sdxl-clipart --export kohya diffusers
 
-Outputs in ``--output_dir``: ``adapter/`` (our format, :func:`visadapt.diffusers.load_into_pipeline` reads it),
+Outputs in ``--output_dir``: ``adapter/`` (our format, :func:`visadapt.integrations.diffusers_pipelines.load_into_pipeline` reads it),
 ``checkpoint-<step>/`` (adapter + optimizer/scheduler/RNG state, for ``--resume_from_checkpoint``),
 ``validation/step-<step>-<i>.png``, ``loss_history.json``, ``loss_curve.png``, ``train_metrics.json`` and, per
 ``--export``, ``export/kohya.safetensors``, ``export/diffusers_lora/`` and ``export/merged_unet/``.
@@ -33,10 +33,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import visadapt  # noqa: E402
-from visadapt import diffusers as vd  # noqa: E402
-from visadapt.io import atomic_write_bytes, load_adapter_state_dict, read_adapter  # noqa: E402
+import visadapt
+from visadapt.integrations import diffusers_pipelines as vd
+from visadapt.core import atomic_write_bytes, load_adapter_state_dict, read_adapter
 
 logger = logging.getLogger('train_sdxl_style')
 EXPORTS = ('kohya', 'diffusers', 'merged')

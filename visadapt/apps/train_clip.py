@@ -4,7 +4,7 @@ Adapters go on the query and value projections of both towers (section 4.2 of th
 fine-tuned only the query and value layers"), with any registered method (``--adapter``), and on the convs of conv
 towers (timm CNNs) with FLoRA (``--conv_adapter``). The loss is the triplet loss with the hardest in-batch negative in
 both directions (``--loss triplet --margin 0.2``) or InfoNCE (``--loss infonce``). Metrics are the paper's R@1/5/10
-image→text and text→image and their sum on a validation split made by image (see :mod:`visadapt.retrieval`).
+image→text and text→image and their sum on a validation split made by image (see :mod:`visadapt.apps.retrieval`).
 
 Data: a JSONL (``{"image": "a.png", "caption": "..."}`` per line, several lines per image allowed, or a
 ``"captions"`` list) or CSV with ``image,caption`` columns; image paths are relative to the data file.
@@ -32,24 +32,23 @@ import os
 os.environ.setdefault('HF_HUB_OFFLINE', '1')        # before transformers / huggingface_hub are imported
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
-import argparse  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Dict, List, Optional, Sequence, Tuple  # noqa: E402
+import argparse
+import io
+import json
+import random
+import shlex
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from PIL import Image
+from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import visadapt  # noqa: E402
-from visadapt import clip as vclip  # noqa: E402
-from visadapt.io import atomic_write_bytes  # noqa: E402
-from visadapt.retrieval import info_nce_loss, triplet_loss  # noqa: E402
+import visadapt
+from visadapt.integrations import open_clip_models as vclip
+from visadapt.core import atomic_write_bytes
+from visadapt.apps.retrieval import info_nce_loss, triplet_loss
 
 CHECKPOINT = 'checkpoint.pt'
 

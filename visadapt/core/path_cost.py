@@ -17,14 +17,15 @@ Both paths are exact; only speed differs. Costs are in multiply-accumulate equiv
 The fixed cost per call matters on CPU: one training pass of a tiny conv took ~470 µs here (mkldnn), of a tiny
 matmul ~60 µs, so a three-conv chain on a 6×6 feature map costs more than building a 80×240 ΔW.
 
-The constants of :data:`CPU` were fitted to per-layer timings of one training step of every distinct FLoRA and SVFT
-layer of ConvNeXt-T/atto, EfficientNet-Lite0, ViT-S and an SDXL down block (tools/bench.py on the project's
-2-core AMD EPYC machine, docs/bench.md): with them the chosen path is within 10% of the faster one on all 374
-measurements of three runs; the model before (MACs plus traffic only) got 356 (misses: EfficientNet-Lite0's
-pointwise convs on 6×6 maps, ConvNeXt-atto's stage-2 layers, ViT-S's patch embedding, up to 1.45× slower). The CUDA constants are estimates from an
-H100's published figures (~200 TMAC/s bf16, ~3 TB/s, ~5 µs per launched kernel in eager mode) and have not been
-measured: no GPU was available. Another device type uses :data:`CPU`. :func:`set_cost_model` replaces a device
-type's constants (e.g. after fitting them on your hardware with tools/bench.py).
+The constants of :data:`CPU` were chosen by hand against per-layer timings of one training step of every distinct
+FLoRA and SVFT layer of ConvNeXt-T/atto, EfficientNet-Lite0, ViT-S and an SDXL down block (the per-layer path
+timings of ``visadapt-bench`` on the project's 2-core AMD EPYC machine, docs/bench.md): with them the chosen path
+is within 10% of the faster one on all 374 measurements of three runs; the model before (MACs plus traffic only)
+got 356 (misses: EfficientNet-Lite0's pointwise convs on 6×6 maps, ConvNeXt-atto's stage-2 layers, ViT-S's patch
+embedding, up to 1.45× slower). The CUDA constants are estimates from an H100's published figures (~200 TMAC/s
+bf16, ~3 TB/s, ~5 µs per launched kernel in eager mode) and have not been measured: no GPU was available. Another
+device type uses :data:`CPU`. :func:`set_cost_model` replaces a device type's constants (e.g. after measuring your
+hardware's per-layer path timings with ``visadapt-bench``).
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def set_cost_model(device_type: str, model: PathCost) -> None:
     """Use ``model`` for tensors on ``device_type`` from now on. Adapters cache their choice per input shape, so
     set it before the first forward (or re-inject)."""
     if not isinstance(model, PathCost):
-        raise TypeError(f'set_cost_model needs a visadapt.path_cost.PathCost, got {type(model).__name__}')
+        raise TypeError(f'set_cost_model needs a visadapt.core.path_cost.PathCost, got {type(model).__name__}')
     bad = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
            if not getattr(model, f.name) >= 0}
     if bad:
