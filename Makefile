@@ -2,6 +2,7 @@
 #   make demo   the main job: fine-tune pretrained EfficientNet-Lite0 on Fashion-MNIST with FLoRA
 #   make test   the test suite (every extra installed, so integration tests run too)
 PY := .venv/bin/python
+BIN := .venv/bin
 
 .PHONY: demo test test-slow bench setup setup-demo
 setup-demo:
@@ -10,9 +11,11 @@ setup:
 	bash tools/setup_env.sh all,dev
 
 demo: setup-demo
-	$(PY) tools/train_classifier.py --preset demo
+	$(BIN)/visadapt-train-classifier --preset demo
 
+# ruff first (seconds), then every test
 test: setup
+	$(BIN)/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # tests marked @pytest.mark.slow (excluded from `make test`); exit status 5 means none are marked today
@@ -23,5 +26,5 @@ test-slow: setup
 # minutes on 2 CPU cores. BENCH_OUT=docs/assets/bench rewrites the committed results.
 BENCH_OUT ?= out/bench
 bench: setup
-	$(PY) tools/bench.py --models convnext_tiny@4x96,efficientnet_lite0@8x96,vit_small@4x96,unet_down@1x64,convnext_atto@8x96 \
+	$(BIN)/visadapt-bench --models convnext_tiny@4x96,efficientnet_lite0@8x96,vit_small@4x96,unet_down@1x64,convnext_atto@8x96 \
 		--rank 8 --warmup 1 --steps 10 --layer-time 0.1 --out $(BENCH_OUT)

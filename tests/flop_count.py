@@ -34,8 +34,9 @@ def layer_flops(layer: torch.nn.Module, x_shape, training: bool, config=None) ->
     With ``config`` the layer is adapted first (adapter tensors perturbed to non-zero values); without it the layer
     runs frozen, which is the work every path shares.
     """
-    import visadapt
     from visadapt_testing import randomize_adapters
+
+    import visadapt
     model = torch.nn.Sequential(layer)
     if config is None:
         model.requires_grad_(False)

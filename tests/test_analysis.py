@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from visadapt_testing import TinyNet, randomize_adapters
 
 import visadapt
 from visadapt.core.analysis import amplification_factor, analyze, delta_weight, subspace_similarity
-from visadapt_testing import TinyNet, randomize_adapters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = ['conv_head', 'blocks.5.*.conv_pw', 'blocks.6.0.conv_pwl']

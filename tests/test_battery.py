@@ -20,11 +20,18 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from visadapt_testing import (
+    TinyNet,
+    adapter_params,
+    assert_unchanged,
+    method_config,
+    randomize_adapters,
+    small_cnn,
+    state_snapshot,
+)
 
 import visadapt
 from visadapt.core.layer import iter_adapted
-from visadapt_testing import TinyNet, adapter_params, assert_unchanged, method_config, randomize_adapters, \
-    small_cnn, state_snapshot
 
 
 # ---- layer cases ------------------------------------------------------------------------------------------------------

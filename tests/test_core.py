@@ -9,11 +9,17 @@ import io
 import pytest
 import torch
 import torch.nn as nn
+from visadapt_testing import (
+    adapter_params,
+    assert_unchanged,
+    method_config,
+    randomize_adapters,
+    small_cnn,
+    state_snapshot,
+)
 
 import visadapt
 from visadapt.core.tuner import get_injection
-from visadapt_testing import adapter_params, assert_unchanged, method_config, randomize_adapters, \
-    small_cnn, state_snapshot
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
 

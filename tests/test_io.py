@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from visadapt_testing import SmallCNN, assert_unchanged, randomize_adapters, small_cnn, state_snapshot
 
 import visadapt
 from visadapt.core.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
 from visadapt.core.tuner import get_injection
-from visadapt_testing import SmallCNN, assert_unchanged, randomize_adapters, small_cnn, state_snapshot
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
 

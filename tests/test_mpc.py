@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from visadapt_testing import TinyNet, assert_unchanged, randomize_adapters, small_cnn, state_snapshot
 
 import visadapt
-from visadapt.methods.mpc import attach_regularizer, detach_regularizer, mpc_loss
-from visadapt_testing import TinyNet, assert_unchanged, randomize_adapters, small_cnn, state_snapshot
+from visadapt.core import attach_regularizer, detach_regularizer, mpc_loss
 
 MPC_CONFIGS = [
     lambda kind: visadapt.LoRAConfig(r=3, mpc=kind, mpc_weight=0.5),

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from visadapt_testing import flop_only_cost_model
 
 import visadapt
 from visadapt.core import path_cost
 from visadapt.core.path_cost import CPU, PathCost, cost_model, set_cost_model
-from visadapt_testing import flop_only_cost_model
 
 
 def _adapter(layer: nn.Module, config: visadapt.AdapterConfig):

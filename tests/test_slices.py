@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from visadapt_testing import adapter_params, assert_unchanged, method_config, randomize_adapters, state_snapshot
 
 import visadapt
 from visadapt.core.layer import iter_adapted
-from visadapt.methods.svft import svft_bases, svft_num_params
 from visadapt.core.site import base_weight
 from visadapt.core.slices import SlicedAdapter
-from visadapt_testing import adapter_params, assert_unchanged, method_config, randomize_adapters, state_snapshot
+from visadapt.methods.svft import svft_bases, svft_num_params
 
 CONFIGS = {
     'SVFT': lambda **kw: visadapt.SVFTConfig(pattern='banded', off_diag=1, **kw),

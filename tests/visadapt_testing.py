@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import visadapt
+from visadapt.core import is_adapted
 
 
 class TinyNet(nn.Module):
@@ -102,6 +103,7 @@ def state_snapshot(model: nn.Module) -> Dict[str, Any]:
         'classes': {n: type(m) for n, m in model.named_modules()},
         'requires_grad': {n: p.requires_grad for n, p in model.named_parameters()},
         'injections': sorted(visadapt.adapter_names(model)),
+        'bookkeeping': {n: m.bookkeeping() for n, m in model.named_modules() if is_adapted(m)},
     }
 
 
@@ -110,6 +112,7 @@ def assert_unchanged(model: nn.Module, before: Dict[str, Any]) -> None:
     assert after['classes'] == before['classes']
     assert after['requires_grad'] == before['requires_grad']
     assert after['injections'] == before['injections']
+    assert after['bookkeeping'] == before['bookkeeping']
     assert list(after['state']) == list(before['state'])
     for k, v in before['state'].items():
         assert torch.equal(after['state'][k], v), k

@@ -12,7 +12,7 @@ such as "Lemon SVG theme" or "AIGA_Symbol_Signs") say nothing about one image; f
 
 Images are composited on white, padded to a centred square and resized to ``--resolution``. The output is a folder
 of PNGs and a ``captions.jsonl`` with one ``{"image": "<file>", "caption": "<text>"}`` line per caption (paths
-relative to the JSONL), the format ``tools/train_clip_retrieval.py`` reads. Images are sampled at random (``--seed``)
+relative to the JSONL), the format ``visadapt-train-clip`` reads. Images are sampled at random (``--seed``)
 from all categories except ``special/`` (gradients, patterns, page examples) and ``unsorted/``.
 
 Usage::
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/ helpers
 from clipart import CLIPART_ROOT, to_square_rgb  # noqa: E402
+
 from visadapt.core.io import atomic_write_bytes  # noqa: E402
 
 SKIP_CATEGORIES = ('special', 'unsorted')

@@ -1,7 +1,7 @@
 """Make a small, real style data set from the Debian ``openclipart-png`` package (public-domain clip art).
 
 One category folder (e.g. ``food/fruit``, 91 images) becomes an imagefolder with a ``metadata.jsonl`` of captions, the
-layout ``datasets.load_dataset('imagefolder')`` and ``tools/train_sdxl_style.py`` read::
+layout ``datasets.load_dataset('imagefolder')`` and ``visadapt-train-sdxl`` read::
 
     <output_dir>/0000.png ... <output_dir>/metadata.jsonl   # {"file_name": "0000.png", "text": "..."} per line
 
@@ -31,8 +31,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/ helpers
 from clipart import CLIPART_ROOT, to_square_rgb  # noqa: E402
-from visadapt.core.io import atomic_write_bytes  # noqa: E402
 
+from visadapt.core.io import atomic_write_bytes  # noqa: E402
 
 
 def title_from_filename(filename: str) -> str:

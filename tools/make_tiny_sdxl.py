@@ -9,7 +9,7 @@ download). Nothing here is pretrained: use it to test plumbing, not to judge ima
 Usage::
 
     python tools/make_tiny_sdxl.py --output_dir /tmp/tiny-sdxl
-    python tools/train_sdxl_style.py --pretrained_model_name_or_path /tmp/tiny-sdxl ...
+    visadapt-train-sdxl --pretrained_model_name_or_path /tmp/tiny-sdxl ...
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 # cut from stardist's img2d.tif / mask2d.tif (one class). Make the data first:
 #   python tools/make_stardist_coco.py --out data/stardist
 # then train (and evaluate COCO bbox/segm mAP on the held-out strip):
-#   python tools/mm_train.py mm_configs/mmdet/mask-rcnn_efficientnet-lite0_fpn_stardist_flora.py --work-dir work_dirs/smoke_det
+#   visadapt-mm-train mm_configs/mmdet/mask-rcnn_efficientnet-lite0_fpn_stardist_flora.py --work-dir work_dirs/smoke_det
 _base_ = ['mmdet::_base_/models/mask-rcnn_r50_fpn.py', 'mmdet::_base_/default_runtime.py']
 custom_imports = dict(imports=['visadapt.integrations.openmmlab'], allow_failed_imports=False)
 runner_type = 'VisadaptRunner'

@@ -3,7 +3,7 @@
 # stardist's img2d.tif / mask2d.tif with semantic masks (background / nucleus). Make the data first:
 #   python tools/make_stardist_coco.py --out data/stardist
 # then train (and evaluate mIoU on the held-out strip):
-#   python tools/mm_train.py mm_configs/mmseg/upernet_efficientnet-lite0_stardist_flora.py --work-dir work_dirs/smoke_seg
+#   visadapt-mm-train mm_configs/mmseg/upernet_efficientnet-lite0_stardist_flora.py --work-dir work_dirs/smoke_seg
 _base_ = ['mmseg::_base_/default_runtime.py']
 custom_imports = dict(imports=['visadapt.integrations.openmmlab'], allow_failed_imports=False)
 runner_type = 'VisadaptRunner'

@@ -13,8 +13,9 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import visadapt  # noqa: E402
-from visadapt.integrations import open_clip_models as vclip  # noqa: E402
+from visadapt.apps import retrieval  # noqa: E402
 from visadapt.apps.retrieval import info_nce_loss, retrieval_recall, triplet_loss  # noqa: E402
+from visadapt.integrations import open_clip_models as vclip  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -175,20 +176,20 @@ def test_read_pairs_groups_captions_and_split_is_by_image(tmp_path):
     rows = [{'image': 'a.png', 'caption': 'a cat'}, {'image': 'b.png', 'captions': ['a dog', 'a puppy']},
             {'image': 'a.png', 'caption': 'a kitten'}]
     (tmp_path / 'd.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    items = vclip.read_pairs(tmp_path / 'd.jsonl')
+    items = retrieval.read_pairs(tmp_path / 'd.jsonl')
     assert items == [(str(tmp_path / 'a.png'), ['a cat', 'a kitten']), (str(tmp_path / 'b.png'), ['a dog', 'a puppy'])]
     (tmp_path / 'd.csv').write_text('image,caption\na.png,a cat\nb.png,a dog\na.png,"a kitten, small"\n')
-    assert vclip.read_pairs(tmp_path / 'd.csv')[0][1] == ['a cat', 'a kitten, small']
+    assert retrieval.read_pairs(tmp_path / 'd.csv')[0][1] == ['a cat', 'a kitten, small']
     (tmp_path / 'bad.jsonl').write_text('{"image": "a.png"}\n')
     with pytest.raises(ValueError, match='bad.jsonl:1'):
-        vclip.read_pairs(tmp_path / 'bad.jsonl')
+        retrieval.read_pairs(tmp_path / 'bad.jsonl')
     many = [(f'{i}.png', [f'c{i}', f'd{i}']) for i in range(20)]
-    train, val = vclip.split_by_image(many, 0.25, seed=1)
+    train, val = retrieval.split_by_image(many, 0.25, seed=1)
     assert len(val) == 5 and len(train) == 15
     assert not {p for p, _ in train} & {p for p, _ in val}
-    assert vclip.split_by_image(many, 0.25, seed=1) == (train, val)
+    assert retrieval.split_by_image(many, 0.25, seed=1) == (train, val)
     with pytest.raises(ValueError, match='val_fraction'):
-        vclip.split_by_image(many, 1.0)
+        retrieval.split_by_image(many, 1.0)
 
 
 # ---- tiny open_clip ViT: targeting, training, save/load --------------------------------------------------------------
@@ -249,12 +250,12 @@ def test_sera_on_q_v_of_both_towers_trains_and_reloads_exactly(tiny_config, tmp_
         assert torch.equal(model.state_dict()[key], value), key
 
     text_image = torch.arange(8)
-    metrics = vclip.evaluate_retrieval(model, images, tokens, text_image)
+    metrics = retrieval.evaluate_retrieval(model, images, tokens, text_image)
     visadapt.save_adapter(model, tmp_path / 'qv', name='qv')
     fresh = vclip.create_clip(config_path=tiny_config).model
     fresh.load_state_dict(base_state)
     visadapt.load_adapter(fresh, tmp_path / 'qv')
-    assert vclip.evaluate_retrieval(fresh, images, tokens, text_image) == metrics
+    assert retrieval.evaluate_retrieval(fresh, images, tokens, text_image) == metrics
     with torch.no_grad():
         fresh.eval()
         model.eval()
@@ -330,7 +331,7 @@ def test_timm_conv_tower_with_bert_text_tower(tmp_path):
                 p.add_(0.05 * torch.randn_like(p))
     images = torch.randn(4, 3, 32, 32)
     tokens = bundle.tokenizer(['a red apple', 'a blue car', 'two cats', 'an old map'])
-    metrics = vclip.evaluate_retrieval(model, images, tokens, torch.arange(4))
+    metrics = retrieval.evaluate_retrieval(model, images, tokens, torch.arange(4))
     model.eval()
     with torch.no_grad():
         ref = model.encode_image(images), model.encode_text(tokens)
@@ -343,4 +344,4 @@ def test_timm_conv_tower_with_bert_text_tower(tmp_path):
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh.encode_image(images), ref[0]) and torch.equal(fresh.encode_text(tokens), ref[1])
-    assert vclip.evaluate_retrieval(fresh, images, tokens, torch.arange(4)) == metrics
+    assert retrieval.evaluate_retrieval(fresh, images, tokens, torch.arange(4)) == metrics

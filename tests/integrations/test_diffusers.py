@@ -15,12 +15,11 @@ import shutil
 import pytest
 import torch
 import torch.nn as nn
+from visadapt_testing import load_tool as _tool  # noqa: E402
 
 import visadapt
-from visadapt.integrations import diffusers_pipelines as vd
-
-from visadapt_testing import load_tool as _tool  # noqa: E402
 from visadapt.apps import train_sdxl  # noqa: E402
+from visadapt.integrations import diffusers_pipelines as vd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -237,9 +236,11 @@ def test_kohya_tucker_padding_and_stacking_rebuild_exactly():
 
 @pytest.mark.parametrize('method,fields', [('FLoRA', dict(r=4, scale=2.0)), ('LoRA', dict(r=4, alpha=8.0)),
                                            ('MoSLoRA', dict(r=4)), ('SeRA', dict(r=4, alpha=2.0)),
-                                           ('SVFT', dict()), ('VeRA', dict())])
+                                           ('SVFT', dict()), ('VeRA', dict()), ('MELoRA', dict(r=2, n=2)),
+                                           ('IA3', dict())])
 def test_every_linear_method_exports_exactly(method, fields):
-    """Low-rank methods as lora_down/lora_up, others (VeRA here) as LyCORIS' full ``diff``; ΔW rebuilt exactly."""
+    """Methods with a factored form (``Adapter.factor_form``) as lora_down/lora_up, others ((IA)³ here) as LyCORIS'
+    full ``diff``; ΔW rebuilt exactly."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8))
     visadapt.inject(model, visadapt.get_config_class(method)(**fields))
@@ -249,15 +250,15 @@ def test_every_linear_method_exports_exactly(method, fields):
                 p.normal_()
     state = vd.kohya_state_dict({'unet': model})
     for i in (0, 2):
-        key, expected = f'lora_unet_{i}', model[i].visadapt['default'].delta_weight()
+        key, expected = f'lora_unet_{i}', model[i].delta_weight('default')
         if f'{key}.diff' in state:
             rebuilt = state[f'{key}.diff']
         else:
             rebuilt = state[f'{key}.lora_up.weight'] @ state[f'{key}.lora_down.weight'] * (
                 float(state[f'{key}.alpha']) / state[f'{key}.lora_down.weight'].shape[0])
         torch.testing.assert_close(rebuilt, expected, rtol=1e-5, atol=1e-5)
-    assert (f'lora_unet_0.diff' in state) == (method == 'VeRA')
-    if method == 'VeRA':
+    assert ('lora_unet_0.diff' in state) == (method == 'IA3')
+    if method == 'IA3':
         with pytest.raises(ValueError, match='cannot be written as a diffusers LoRA'):
             vd.diffusers_lora_state_dict({'unet': model})
 
@@ -306,19 +307,21 @@ def test_presets_select_every_conv_and_the_attention(tiny_sdxl):
         vd.target_config(unet, 'mlp')
 
 
-def test_fit_rank_meets_the_budget(tiny_sdxl):
+def test_budget_at_most_meets_the_budget(tiny_sdxl):
     from diffusers import UNet2DConditionModel
+
+    from visadapt.core.budget import count_adapter_params, match_budget
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder='unet')
     flora = vd.target_config(unet, 'conv', 'FLoRA', r=8, r3=2)
-    budget = vd.count_adapter_params(unet, flora)
-    lora = vd.fit_rank(unet, vd.target_config(unet, 'conv', 'LoRA', r=1), budget)
+    budget = count_adapter_params(unet, flora)
+    lora = match_budget(unet, vd.target_config(unet, 'conv', 'LoRA', r=1), budget, at_most=True).config
     import dataclasses
-    assert vd.count_adapter_params(unet, lora) <= budget
-    assert vd.count_adapter_params(unet, dataclasses.replace(lora, r=lora.r + 1)) > budget
+    assert count_adapter_params(unet, lora) <= budget
+    assert count_adapter_params(unet, dataclasses.replace(lora, r=lora.r + 1)) > budget
     report = visadapt.inject(unet, flora)
     assert report.adapter_params == budget  # the meta-device count equals the real one
     with pytest.raises(ValueError, match='too small'):
-        vd.fit_rank(unet, flora, 10)
+        match_budget(unet, flora, 10, at_most=True)
 
 
 def test_bf16_frozen_weights_fp32_adapters_under_autocast(tiny_sdxl):

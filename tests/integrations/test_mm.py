@@ -14,14 +14,13 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-
-import visadapt
-import visadapt.integrations.openmmlab as vm
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.registry import RUNNERS
-
 from visadapt_testing import load_tool as _tool  # noqa: E402
+
+import visadapt
+import visadapt.integrations.openmmlab as vm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET_SMOKE = os.path.join(ROOT, 'mm_configs', 'mmdet', 'mask-rcnn_efficientnet-lite0_fpn_stardist_flora.py')

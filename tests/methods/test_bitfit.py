@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from visadapt_testing import assert_unchanged, randomize_adapters, small_cnn, state_snapshot
 
 import visadapt
-from visadapt_testing import assert_unchanged, randomize_adapters, small_cnn, state_snapshot
 
 
 class Net(nn.Module):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from visadapt_testing import TinyNet, assert_unchanged, randomize_adapters, state_snapshot
 
 import visadapt
 from visadapt.methods.dora import DoRAAdapter
-from visadapt_testing import TinyNet, assert_unchanged, randomize_adapters, state_snapshot
 
 
 def _reference(layer: nn.Module, adapter: DoRAAdapter, detach: bool = True) -> torch.Tensor:

@@ -10,14 +10,21 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import visadapt
-from visadapt.methods import flora
-from visadapt.methods.flora import (FLoRAConfig, flora_bypass, flora_delta_weight, flora_num_params, flora_ranks,
-                                    mode_product, tucker_weight)
-from visadapt.core.site import site_from_module
 from flop_count import layer_flops
 from visadapt_testing import adapter_params, flop_only_cost_model, randomize_adapters
+
+import visadapt
+from visadapt.core.site import site_from_module
+from visadapt.methods import flora
+from visadapt.methods.flora import (
+    FLoRAConfig,
+    flora_bypass,
+    flora_delta_weight,
+    flora_num_params,
+    flora_ranks,
+    mode_product,
+    tucker_weight,
+)
 
 
 def _layer_adapter(layer: nn.Module, **cfg):

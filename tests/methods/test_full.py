@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from visadapt_testing import small_cnn
 
 import visadapt
-from visadapt_testing import small_cnn
 
 
 def test_full_finetune_trains_and_saves_everything(tmp_path):

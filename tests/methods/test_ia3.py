@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from visadapt_testing import TinyNet, randomize_adapters
 
 import visadapt
-from visadapt_testing import TinyNet, randomize_adapters
 
 
 @pytest.mark.parametrize('make,x_shape', [

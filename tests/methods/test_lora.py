@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import visadapt
-from visadapt.methods.lora import LoRAConfig, lora_bypass, lora_delta_weight, lora_shapes
-from visadapt.core.site import site_from_module
 from flop_count import layer_flops
 from visadapt_testing import flop_only_cost_model
+
+import visadapt
+from visadapt.core.site import site_from_module
+from visadapt.methods.lora import LoRAConfig, lora_bypass, lora_delta_weight, lora_shapes
 
 
 def _layer_adapter(layer: nn.Module, **cfg):

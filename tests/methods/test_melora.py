@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from visadapt_testing import TinyNet, randomize_adapters
 
 import visadapt
-from visadapt.methods.melora import melora_blocks
 from visadapt.core.site import site_from_module
-from visadapt_testing import TinyNet, randomize_adapters
+from visadapt.methods.melora import melora_blocks
 
 
 def _reference_delta(layer: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:

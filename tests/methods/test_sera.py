@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from visadapt_testing import TinyNet, assert_unchanged, randomize_adapters, state_snapshot
 
 import visadapt
 from visadapt.methods.sera import sera_bypass, sera_delta_weight, sera_num_params
-from visadapt_testing import TinyNet, assert_unchanged, randomize_adapters, state_snapshot
 
 
 def _blocks(s, r, in_f, out_f, seed=0):

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from visadapt_testing import TinyNet, assert_unchanged, randomize_adapters, state_snapshot
 
 import visadapt
 from visadapt.methods.svft import banded_count, svft_bases, svft_num_params, svft_pattern
-from visadapt_testing import TinyNet, assert_unchanged, randomize_adapters, state_snapshot
 
 PATTERNS = ['plain', 'banded', 'random', 'top_k']
 

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from visadapt_testing import TinyNet, assert_unchanged, randomize_adapters, state_snapshot
 
 import visadapt
-from visadapt_testing import TinyNet, assert_unchanged, randomize_adapters, state_snapshot
 
 
 class TwoLayers(nn.Module):

@@ -15,7 +15,7 @@ The base model must be the one the adapters were trained on. Build it either fro
 is seeded by ``--seed``) or from any Python callable (``--factory my_pkg.models:build`` or
 ``--factory path/to/file.py:build``). Example::
 
-    python tools/analyze_adapters.py runs/lora_r4/adapter runs/lora_r8/adapter \\
+    visadapt-analyze runs/lora_r4/adapter runs/lora_r8/adapter \\
         --model efficientnet_lite0 --pretrained packaged --num-classes 10 --out runs/analysis
 """
 from __future__ import annotations
@@ -27,16 +27,16 @@ import io
 import json
 import math
 import os
-import sys
 from typing import Callable, Dict, List, Optional, Sequence
-
 
 import torch
 import torch.nn as nn
 
 import visadapt
-from visadapt.core.analysis import LayerAnalysis, analyze, compare
 from visadapt.core import atomic_write_bytes
+from visadapt.core.analysis import LayerAnalysis, analyze, compare
+
+__all__ = ['main', 'parse_args', 'load_and_analyze']
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

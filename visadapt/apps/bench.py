@@ -44,8 +44,8 @@ Outputs in ``--out``: ``bench.json``, ``bench.md`` (tables) and ``bench.png`` (p
 
 Usage::
 
-    python tools/bench.py --quick --out out/bench_quick
-    python tools/bench.py --models convnext_atto,convnext_tiny,efficientnet_lite0,vit_small,unet_down \\
+    visadapt-bench --quick --out out/bench_quick
+    visadapt-bench --models convnext_atto,convnext_tiny,efficientnet_lite0,vit_small,unet_down \\
         --batch-size 8 --image-size 128 --rank 8 --steps 10 --out out/bench
 """
 from __future__ import annotations
@@ -57,7 +57,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -74,10 +73,11 @@ import torch
 import torch.nn as nn
 
 import visadapt
+from visadapt.core import atomic_write_bytes, iter_adapted, site_from_module
 from visadapt.core.budget import BudgetCounter, budget_field, count_adapter_params, match_budget
-from visadapt.core import atomic_write_bytes
-from visadapt.core import iter_adapted
-from visadapt.core import site_from_module
+from visadapt.core.selection import layer_config
+
+__all__ = ['main', 'parse_args', 'bench_model']
 
 BASELINES = ('base', 'limit', 'peft', 'lycoris-locon', 'lycoris-locon-bypass', 'lycoris-tucker',
              'lycoris-tucker-bypass')
@@ -314,31 +314,6 @@ def _config_for(method: str, targets: List[str], model: nn.Module, counter: Budg
     raise ValueError(f'{cls.method} cannot adapt any of the {len(targets)} target layers of this model')
 
 
-@contextlib.contextmanager
-def _reused_svd_bases():
-    """SVFT computes an SVD of every weight at injection and the budget search injects the same weights many times
-    (on one cached copy of the model): reuse the bases per weight tensor (same storage, shape and version) meanwhile.
-    Only the dry-run counts see this; the benchmarked models are built outside it."""
-    try:
-        from visadapt.methods import svft
-    except ImportError:
-        yield
-        return
-    original, memo = svft.svft_bases, {}
-
-    def bases(matrix: torch.Tensor, r: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        key = (matrix.data_ptr(), tuple(matrix.shape), matrix.stride(), matrix.dtype, matrix._version, r)
-        if key not in memo:
-            memo[key] = original(matrix, r)
-        return memo[key]
-
-    svft.svft_bases = bases
-    try:
-        yield
-    finally:
-        svft.svft_bases = original
-
-
 #: methods whose budget knob needs a non-default setting: (config fields, knob). SVFT's default plain pattern has a
 #: fixed count (one entry per singular value); its banded pattern SVFT_B^d grows with the band width d.
 MATCH_PRESETS: Dict[str, Tuple[Dict[str, Any], str]] = {'svft': ({'pattern': 'banded'}, 'off_diag')}
@@ -358,11 +333,10 @@ def match_method(method: str, model: nn.Module, targets: List[str], budget: int,
             return config, count_adapter_params(model, config, 'trainable'), [], 'trains every parameter'
         raise ValueError(f'{cls.method} adapts no layer (it only trains train_modules)')
     fields, knob = MATCH_PRESETS.get(method.lower(), ({}, None))
-    with _reused_svd_bases():
-        config, skipped = _config_for(method, targets, model, counter, **fields)
-        if knob is None and budget_field(config) is None:
-            return config, counter(config), skipped, 'fixed count (no rank to tune)'
-        match = match_budget(model, config, budget, field=knob, max_value=max_rank, counter=counter)
+    config, skipped = _config_for(method, targets, model, counter, **fields)
+    if knob is None and budget_field(config) is None:
+        return config, counter(config), skipped, 'fixed count (no rank to tune)'
+    match = match_budget(model, config, budget, field=knob, max_value=max_rank, counter=counter)
     return match.config, match.achieved, skipped, f'{match.field}={match.value} ({100 * match.rel_error:+.1f}%)'
 
 
@@ -581,7 +555,7 @@ def path_choice(work: Workload, method: str, config: visadapt.AdapterConfig, arg
             groups.setdefault(_signature(modules[name], shapes[name]), []).append(name)
     rows = []
     for sig, names in list(groups.items())[:args.path_layers]:
-        layer_cfg = config.for_layer(names[0])
+        layer_cfg = layer_config(config, names[0])
         runs = {}
         for path in ('weight', 'bypass', 'auto'):  # auto is built to read its choice, not timed
             holder = nn.Sequential(OrderedDict(layer=copy.deepcopy(modules[names[0]])))
@@ -786,7 +760,7 @@ def _target_lines(model: Dict[str, Any]) -> List[str]:
 
 def markdown(result: Dict[str, Any]) -> str:
     meta = result['meta']
-    lines = [f"# visadapt benchmark", '',
+    lines = ["# visadapt benchmark", '',
              f"`{meta['command']}`", '',
              f"Device: {meta['device_name']} ({meta['device']}, {meta['threads']} threads), dtype {meta['dtype']}, "
              f"torch {meta['versions']['torch']}, {meta['clock']} clock, {meta['date']}. Step = forward + backward + AdamW step, median of "
@@ -886,7 +860,7 @@ def _meta(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
         except OSError:
             pass
         name = f'{name}, {os.cpu_count()} CPUs'
-    return {'command': 'python tools/bench.py ' + ' '.join(argv), 'device': args.device, 'device_name': name,
+    return {'command': 'visadapt-bench ' + ' '.join(argv), 'device': args.device, 'device_name': name,
             'threads': torch.get_num_threads(), 'dtype': args.dtype, 'versions': versions,
             'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
             'steps': args.steps, 'warmup': args.warmup, 'clock': args.clock, 'batch_size': args.batch_size, 'image_size': args.image_size,

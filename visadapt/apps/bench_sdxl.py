@@ -15,8 +15,8 @@ The UNet is built from SDXL base 1.0's ``unet/config.json`` (random init, no dow
 adapters are float32. One step = forward + MSE loss + backward + AdamW step on a 1024×1024 batch (latents
 128×128, 77 text tokens of width 2048), timed after warm-up with CUDA synchronisation.
 
-    python tools/bench_sdxl_unet.py --config full --device cuda --batch_size 2 --steps 10   # GPU, full size
-    python tools/bench_sdxl_unet.py --config tiny --device cpu --dtype float32 --rank 8 --steps 3  # CPU smoke
+    visadapt-bench-sdxl --config full --device cuda --batch_size 2 --steps 10   # GPU, full size
+    visadapt-bench-sdxl --config tiny --device cpu --dtype float32 --rank 8 --steps 3  # CPU smoke
 
 ``--config tiny`` is the tiny SDXL-architecture UNet of tools/make_tiny_sdxl.py at 64×64 pixels; on a CPU the peak
 memory column is not measured (n/a).
@@ -24,11 +24,8 @@ memory column is not measured (n/a).
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
-import os
-import sys
 import time
 from typing import Any, Callable, Dict, List
 
@@ -36,7 +33,10 @@ import torch
 import torch.nn as nn
 
 import visadapt
+from visadapt.core.budget import count_adapter_params, match_budget
 from visadapt.integrations import diffusers_pipelines as vd
+
+__all__ = ['main', 'run_variant']
 
 #: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that differ from diffusers' defaults)
 SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -84,7 +84,7 @@ def adapt(unet: nn.Module, variant: str, args, budget: int) -> Dict[str, Any]:
         rank = args.rank
     elif variant == 'peft_lora':
         from peft import LoraConfig, inject_adapter_in_model
-        lora = vd.fit_rank(unet, vd.target_config(unet, 'conv', 'LoRA', r=1), budget)  # same count as PEFT's
+        lora = match_budget(unet, vd.target_config(unet, 'conv', 'LoRA', r=1), budget, at_most=True).config  # PEFT's count
         rank = lora.r
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=conv_names(unet), init_lora_weights=True)
         inject_adapter_in_model(config, unet)
@@ -152,10 +152,6 @@ def run_variant(variant: str, args, budget: int) -> Dict[str, Any]:
         torch.cuda.synchronize()
     info['step_ms'] = 1000 * (time.perf_counter() - start) / args.steps
     info['peak_mem_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
-    del unet, optimizer
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
     return info
 
 
@@ -179,7 +175,7 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
     with torch.device('meta'):
         probe = UNet2DConditionModel(**(SDXL_UNET if args.config == 'full' else TINY_UNET))
-    budget = vd.count_adapter_params(probe, vd.target_config(probe, 'conv', 'FLoRA', r=args.rank, r3=args.r3))
+    budget = count_adapter_params(probe, vd.target_config(probe, 'conv', 'FLoRA', r=args.rank, r3=args.r3))
     device = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'CPU ({torch.get_num_threads()} threads)'
     results = {'device': device, 'config': args.config, 'dtype': args.dtype, 'batch_size': args.batch_size,
                'budget': budget, 'convs': len(conv_names(probe)), 'variants': {}}
@@ -188,6 +184,9 @@ def main() -> None:
     print(f'{"variant":<24} {"rank":>5} {"trainable":>12} {"step ms":>9} {"peak GiB":>9}')
     for variant in args.variants:
         info = run_variant(variant, args, budget)
+        gc.collect()  # the variant's UNet and optimizer are gone: free them before the next one
+        if args.device.startswith('cuda'):
+            torch.cuda.empty_cache()
         results['variants'][variant] = info
         mem = f'{info["peak_mem_gib"]:.2f}' if info['peak_mem_gib'] is not None else 'n/a'
         print(f'{variant:<24} {info["rank"]:>5} {info["trainable"]:>12,} {info["step_ms"]:>9.1f} {mem:>9}', flush=True)

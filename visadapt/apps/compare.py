@@ -14,7 +14,7 @@ and ``results.png`` (accuracy vs trainable parameters).
 
 Example (the table in docs/timm.md)::
 
-    python tools/compare_methods.py --model efficientnet_lite0 --pretrained packaged --data fashion-mnist \\
+    visadapt-compare --model efficientnet_lite0 --pretrained packaged --data fashion-mnist \\
         --image-size 32 --train-size 1000 --eval-size 1000 --epochs 2 --seeds 0 1 2 --output-dir runs/compare
 """
 from __future__ import annotations
@@ -27,15 +27,16 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-
 import numpy as np
 import torch
 
 import visadapt
 from visadapt.apps import train_classifier as classify
-from visadapt.integrations import timm_models as vtimm
-from visadapt.core.budget import BudgetCounter, budget_field, match_budget
 from visadapt.core import atomic_write_bytes
+from visadapt.core.budget import BudgetCounter, budget_field, match_budget
+from visadapt.integrations import timm_models as vtimm
+
+__all__ = ['main', 'build_parser']
 
 #: always compared first, in this order: (label, method, config fields)
 BASELINES: List[Tuple[str, str, Dict[str, Any]]] = [
@@ -169,6 +170,7 @@ def write_markdown(path: str, table: List[Dict[str, Any]], rows: List[Dict[str, 
 
 def write_plot(path: str, table: List[Dict[str, Any]], title: str) -> None:
     import io
+
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -220,7 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if len(args.seeds) < 1:
         raise SystemExit('--seeds needs at least one seed')
-    command = 'python tools/compare_methods.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
+    command = 'visadapt-compare ' + ' '.join(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     torch.set_num_threads(args.threads)
     data = classify.load_data(args.data, args.image_size, args.train_size, args.eval_size, args.data_seed)

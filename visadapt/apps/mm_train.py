@@ -5,10 +5,10 @@ The same as mmdet's / mmseg's ``tools/train.py``, plus: a config with an ``adapt
 gets ``VisadaptRunner`` (so the adapter is never silently ignored), and ``--test-only CKPT`` evaluates a checkpoint
 (an adapter checkpoint is completed with the config's pretrained base weights).
 
-    python tools/mm_train.py mm_configs/mmdet/mask-rcnn_efficientnet-lite0_fpn_stardist_flora.py --work-dir work_dirs/det
-    python tools/mm_train.py CONFIG --resume                  # continue from work_dir's last checkpoint
-    python tools/mm_train.py CONFIG --test-only work_dirs/det/iter_300.pth
-    torchrun --nproc_per_node 2 tools/mm_train.py CONFIG --launcher pytorch     # DDP (gloo on CPU, nccl on GPUs)
+    visadapt-mm-train mm_configs/mmdet/mask-rcnn_efficientnet-lite0_fpn_stardist_flora.py --work-dir work_dirs/det
+    visadapt-mm-train CONFIG --resume                  # continue from work_dir's last checkpoint
+    visadapt-mm-train CONFIG --test-only work_dirs/det/iter_300.pth
+    torchrun --nproc_per_node 2 visadapt-mm-train CONFIG --launcher pytorch     # DDP (gloo on CPU, nccl on GPUs)
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import os
 import os.path as osp
 import sys
 from typing import List, Optional
+
+__all__ = ['main', 'parse_args', 'build_cfg']
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

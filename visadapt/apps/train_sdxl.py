@@ -8,7 +8,7 @@ the ``--mixed_precision`` dtype, adapter weights in float32 (the VAE stays float
 
 Runs unchanged on one process, several GPUs or several nodes through ``accelerate launch``::
 
-    accelerate launch tools/train_sdxl_style.py --pretrained_model_name_or_path <sdxl dir> \\
+    accelerate launch -m visadapt.apps.train_sdxl --pretrained_model_name_or_path <sdxl dir> \\
         --train_data_dir data/clipart-fruit --resolution 1024 --train_batch_size 1 --max_train_steps 2000 \\
         --learning_rate 1e-4 --mixed_precision bf16 --conv_rank 8 --attn_method LoRA --attn_rank 8 \\
         --validation_prompt "an apple, clipart style" --output_dir out/sdxl-clipart --export kohya diffusers
@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
-import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -34,8 +32,11 @@ import torch
 import torch.nn.functional as F
 
 import visadapt
-from visadapt.integrations import diffusers_pipelines as vd
 from visadapt.core import atomic_write_bytes, load_adapter_state_dict, read_adapter
+from visadapt.core.budget import match_budget
+from visadapt.integrations import diffusers_pipelines as vd
+
+__all__ = ['main', 'parse_args']
 
 logger = logging.getLogger('train_sdxl_style')
 EXPORTS = ('kohya', 'diffusers', 'merged')
@@ -216,7 +217,7 @@ def inject_adapters(args, unet, text_encoders) -> List[visadapt.InjectReport]:
         for model, preset in targets:
             config = vd.target_config(model, preset, method, r=rank, **options)
             if budget is not None and model is unet:
-                config = vd.fit_rank(model, config, budget)
+                config = match_budget(model, config, budget, at_most=True).config
             reports.append(visadapt.inject(model, config, name=name))
     return reports
 

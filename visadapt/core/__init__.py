@@ -11,23 +11,59 @@
 
 Integrations and applications import from here (``from visadapt.core import ...``), never from a submodule.
 """
-from . import attention as _attention  # noqa: F401  (registers the adapted nn.MultiheadAttention class)
 from . import analysis, budget
+from . import attention as _attention  # noqa: F401  (registers the adapted nn.MultiheadAttention class)
 from .adapter import FORWARD_PATHS, Adapter
 from .config import AdapterConfig, check_positive_int
 from .factors import Factors, stack_factors
 from .fingerprint import fingerprint, fingerprint_mismatch
-from .io import (CONFIG_NAME, WEIGHTS_NAME, adapter_metadata, adapter_state_dict, adapter_state_keys, atomic_write_bytes,
-                 atomic_write_files, check_adapter_metadata, check_state_dict, load_adapter, load_adapter_state_dict,
-                 read_adapter, read_state_dict, save_adapter)
+from .io import (
+                 CONFIG_NAME,
+                 WEIGHTS_NAME,
+                 adapter_metadata,
+                 adapter_state_dict,
+                 adapter_state_keys,
+                 atomic_write_bytes,
+                 atomic_write_files,
+                 check_adapter_metadata,
+                 check_state_dict,
+                 load_adapter,
+                 load_adapter_state_dict,
+                 read_adapter,
+                 read_state_dict,
+                 save_adapter,
+)
 from .layer import ADAPTER_ATTR, fold_adapters, is_adapted, is_adapter_key, iter_adapted
-from .registry import (METHODS, AdapterSpec, check_spec_fields, config_from_dict, get_config_class, method_names,
-                       parse_adapter_spec, register)
+from .registry import (
+                 METHODS,
+                 AdapterSpec,
+                 check_spec_fields,
+                 config_from_dict,
+                 get_config_class,
+                 method_names,
+                 parse_adapter_spec,
+                 register,
+)
+from .regularization import attach_regularizer, detach_regularizer, mpc_loss, regularization_loss
 from .selection import matches, select_targets, select_train_modules
 from .site import SUPPORTED_LAYER_TYPES, Site, base_bias, base_weight, is_plain_layer, site_from_module
-from .tuner import (InjectReport, Injection, Summary, adapter_names, adapters_disabled, build_adapter,
-                    count_parameters, disable_adapter, enable_adapter, get_injection, inject, merge, remove, summary,
-                    unmerge)
+from .tuner import (
+                 Injection,
+                 InjectReport,
+                 Summary,
+                 adapter_names,
+                 adapters_disabled,
+                 build_adapter,
+                 count_parameters,
+                 disable_adapter,
+                 enable_adapter,
+                 get_injection,
+                 inject,
+                 merge,
+                 remove,
+                 summary,
+                 unmerge,
+)
 
 __all__ = [
     # model-level operations
@@ -45,5 +81,5 @@ __all__ = [
     'check_adapter_metadata', 'check_state_dict', 'read_adapter', 'read_state_dict', 'atomic_write_bytes',
     'atomic_write_files', 'CONFIG_NAME', 'WEIGHTS_NAME', 'fingerprint', 'fingerprint_mismatch',
     # built on the core
-    'analysis', 'budget',
+    'analysis', 'budget', 'regularization_loss', 'attach_regularizer', 'detach_regularizer', 'mpc_loss',
 ]

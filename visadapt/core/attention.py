@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
 # the context manager behind torch.func.functional_call: swaps parameters for one call with autograd intact; used
 # directly (not functional_call) so the attention's own forward runs once, without re-entering hooks
 from torch.nn.utils.stateless import _reparametrize_module

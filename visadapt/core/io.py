@@ -15,7 +15,6 @@ save never leaves a half-written adapter.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from typing import Any, Collection, Dict, List, Mapping, Optional, Union

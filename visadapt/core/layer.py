@@ -12,7 +12,7 @@ is :func:`unfold_adapters`.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -78,6 +78,30 @@ class AdaptedLayer:
     def is_disabled(self, name: str) -> bool:
         return name in self._va_disabled
 
+    def disabled_names(self) -> Set[str]:
+        return set(self._va_disabled)
+
+    def mark_merged(self, name: str) -> None:
+        """Record that adapter ``name`` was folded into the weight (after the others in :meth:`merged_names`)."""
+        self._va_merged.append(name)
+
+    def mark_unmerged(self, names: Sequence[str]) -> None:
+        """Record that the last merged adapters ``names`` (in merge order) were taken out of the weight."""
+        if self._va_merged[-len(names):] != list(names):
+            raise ValueError(f'{list(names)} are not the last merged adapters {self._va_merged}')
+        del self._va_merged[-len(names):]
+
+    def set_disabled(self, name: str, disabled: bool) -> None:
+        (self._va_disabled.add if disabled else self._va_disabled.discard)(name)
+
+    def bookkeeping(self) -> Tuple[List[str], Set[str]]:
+        """(merged names, disabled names): what :meth:`restore_bookkeeping` puts back."""
+        return list(self._va_merged), set(self._va_disabled)
+
+    def restore_bookkeeping(self, state: Tuple[List[str], Set[str]]) -> None:
+        self._va_merged[:] = state[0]
+        self._va_disabled = set(state[1])
+
     def is_active(self, name: str) -> bool:
         """Enabled and not merged: applied by the forward."""
         return name not in self._va_merged and name not in self._va_disabled
@@ -101,22 +125,27 @@ class AdaptedLayer:
         bias = None if bias is None else bias.detach().to(device, dtype)
         return fold_adapters(adapters, weight.detach().to(device, dtype), bias)
 
-    def delta_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ΔW = adapted(W) − W of adapter ``name`` alone, in ``dtype``, from the layer's current (base) weight.
+    def delta_weight(self, names: Union[str, Sequence[str]], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ΔW = adapted(W) − W of adapter(s) ``names`` (applied in that order), in ``dtype``, from the layer's current
+        (base) weight, on the adapters' device.
 
-        Covers additive and multiplicative methods alike. Raises ValueError if the adapter is merged (the base
+        Covers additive and multiplicative methods alike. Raises ValueError if an adapter is merged (the base
         weight is not at hand) or has no weight form (e.g. MPC_n).
         """
-        if name not in self.visadapt:
-            raise ValueError(f'layer has no adapter {name!r}; it has {list(self.visadapt)}')
-        if self.is_merged(name):
-            raise ValueError(f'adapter {name!r} is merged into this layer; call visadapt.unmerge(model) first')
-        adapter = self.visadapt[name]
-        if not adapter.has_weight_path:
-            raise ValueError(f'adapter {name!r} ({type(adapter).__name__}) has no weight form '
-                             f'({adapter.why_not_mergeable()})')
-        weight = self.base_params()[0].detach().to(dtype)
-        return fold_adapters([adapter], weight, None)[0].to(dtype) - weight
+        adapters = []
+        for name in [names] if isinstance(names, str) else names:
+            if name not in self.visadapt:
+                raise ValueError(f'layer has no adapter {name!r}; it has {list(self.visadapt)}')
+            if self.is_merged(name):
+                raise ValueError(f'adapter {name!r} is merged into this layer; call visadapt.unmerge(model) first')
+            adapter = self.visadapt[name]
+            if not adapter.has_weight_path:
+                raise ValueError(f'adapter {name!r} ({type(adapter).__name__}) has no weight form '
+                                 f'({adapter.why_not_mergeable()})')
+            adapters.append(adapter)
+        device = next((p.device for a in adapters for p in a.parameters()), self.base_params()[0].device)
+        weight = self.base_params()[0].detach().to(device, dtype)
+        return fold_adapters(adapters, weight, None)[0].to(dtype) - weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = self.active_adapters()

@@ -33,17 +33,16 @@ class Journal:
             return
         weight, bias = module.base_params()
         copies = tuple(None if t is None else t.detach().to('cpu', copy=True) for t in (weight, bias))
-        self._saved[id(module)] = (module, copies, list(module._va_merged), set(module._va_disabled))
+        self._saved[id(module)] = (module, copies, module.bookkeeping())
 
     @torch.no_grad()
     def rollback(self) -> None:
-        for module, (weight, bias), merged, disabled in self._saved.values():
+        for module, (weight, bias), bookkeeping in self._saved.values():
             current_weight, current_bias = module.base_params()
             current_weight.copy_(weight)
             if bias is not None:
                 current_bias.copy_(bias)
-            module._va_merged[:] = merged
-            module._va_disabled = disabled
+            module.restore_bookkeeping(bookkeeping)
 
 
 @contextlib.contextmanager
@@ -108,7 +107,7 @@ def merge_layer(module: nn.Module, name: str) -> None:
     weight.copy_(new_weight)
     if bias is not None:
         bias.copy_(new_bias)
-    module._va_merged.append(name)
+    module.mark_merged(name)
 
 
 @torch.no_grad()
@@ -121,7 +120,7 @@ def unmerge_layer(module: nn.Module, name: str) -> None:
     weight.copy_(new_weight)
     if bias is not None:
         bias.copy_(new_bias)
-    del module._va_merged[-len(order):]
+    module.mark_unmerged(order)
     for n in order[1:]:
         merge_layer(module, n)
 

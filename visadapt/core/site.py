@@ -86,8 +86,6 @@ def site_from_module(module: nn.Module) -> Site:
         raise TypeError(f'nn.MultiheadAttention with kdim={module.kdim}, vdim={module.vdim} != embed_dim='
                         f'{module.embed_dim} keeps separate q/k/v projection weights; only the fused '
                         f'in_proj_weight (kdim == vdim == embed_dim) can be adapted')
-    if '_va_site' in module.__dict__:  # already adapted (a second adapter on the same layer): the recorded geometry
-        return module.__dict__['_va_site']
     has_bias = base_bias(module) is not None
     if isinstance(module, nn.MultiheadAttention):  # the fused in-projection (q; k; v) stacked on the output dim
         return Site('linear', tuple(module.in_proj_weight.shape), has_bias=has_bias)

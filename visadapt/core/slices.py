@@ -18,7 +18,6 @@ import dataclasses
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn as nn
 
 from .adapter import Adapter
 from .factors import Factors, stack_factors

@@ -10,7 +10,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
 from .adapter import Adapter
@@ -73,7 +72,7 @@ def build_adapter(config: AdapterConfig, name: str, module: nn.Module) -> Adapte
     """The adapter ``config`` builds for layer ``name`` (its per-layer rank and slices applied), on the layer's
     device in the config's adapter dtype. Raises ValueError/TypeError naming the layer's problem."""
     config = layer_config(config, name)
-    site = site_from_module(module)
+    site = module.site if is_adapted(module) else site_from_module(module)  # a second adapter: the recorded site
     weight = base_weight(module).detach()
     chosen = slices_for(config.slices, name)
     if chosen is not None:
@@ -230,12 +229,9 @@ def _set_enabled(model: nn.Module, name: Optional[str], enabled: bool) -> None:
         for _, module, names in layers:
             journal.touch(module)
             for n in names:
-                if enabled:
-                    module._va_disabled.discard(n)
-                    continue
-                if module.is_merged(n):
+                if not enabled and module.is_merged(n):
                     unmerge_layer(module, n)
-                module._va_disabled.add(n)
+                module.set_disabled(n, not enabled)
 
 
 def enable_adapter(model: nn.Module, name: Optional[str] = None) -> None:
@@ -255,15 +251,15 @@ def adapters_disabled(model: nn.Module, name: Optional[str] = None) -> Iterator[
     Adapters that were merged on entry (disabling unmerges them) are merged again on exit.
     """
     layers = _layers_for(model, name)
-    before = {id(m): set(m._va_disabled) for _, m, _ in layers}
-    merged = {id(m): m.merged_names() for _, m, _ in layers}
+    before = {id(m): m.bookkeeping() for _, m, _ in layers}
     disable_adapter(model, name)
     try:
         yield
     finally:
         for _, module, _ in layers:
-            module._va_disabled = before[id(module)]
-            for n in merged[id(module)]:
+            merged, disabled = before[id(module)]
+            module.restore_bookkeeping((module.merged_names(), disabled))
+            for n in merged:
                 if not module.is_merged(n):
                     merge_layer(module, n)
 

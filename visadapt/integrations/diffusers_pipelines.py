@@ -39,9 +39,21 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..core import (CONFIG_NAME, AdapterConfig, Factors, adapter_names, atomic_write_bytes, fold_adapters,
-                    get_config_class, is_adapter_key, iter_adapted, load_adapter, matches, remove, save_adapter,
-                    stack_factors)
+from ..core import (
+    CONFIG_NAME,
+    AdapterConfig,
+    Factors,
+    adapter_names,
+    atomic_write_bytes,
+    get_config_class,
+    is_adapter_key,
+    iter_adapted,
+    load_adapter,
+    matches,
+    remove,
+    save_adapter,
+    stack_factors,
+)
 
 __all__ = ['UNET_CONV_PATTERNS', 'UNET_ATTENTION_PATTERNS', 'TEXT_ENCODER_ATTENTION_PATTERNS', 'PIPELINE_COMPONENTS',
            'has_diffusers', 'target_config', 'layer_factors',
@@ -304,8 +316,7 @@ def _full_delta(component: str, layer_name: str, module: nn.Module, adapters) ->
         if not adapter.mergeable:
             raise ValueError(f'adapter on {component}.{layer_name} ({adapter.config.method}) cannot be exported: '
                              f'{adapter.why_not_mergeable()}')
-    weight = module.base_params()[0].detach().float()
-    return fold_adapters([a for _, a in adapters], weight, None)[0] - weight
+    return module.delta_weight([n for n, _ in adapters], torch.float32)
 
 
 def save_kohya(pipe_or_components: Any, path: Union[str, os.PathLike], names: Optional[Iterable[str]] = None,

@@ -6,7 +6,7 @@ Add three keys to any mmdet or mmseg config::
     runner_type = 'VisadaptRunner'
     adapter = dict(type='FLoRA', r=16, r3=2, scale=4.0)     # any visadapt method: LoRA, DoRA, BitFit, SVFT, ...
 
-and train with mmdet's / mmseg's own ``tools/train.py`` (or visadapt's ``tools/mm_train.py``). What this module adds:
+and train with mmdet's / mmseg's own ``tools/train.py`` (or visadapt's ``visadapt-mm-train``). What this module adds:
 
 * :class:`TimmBackbone` (registered in mmdet's and mmseg's ``MODELS``): any timm model with
   ``forward_intermediates`` (ConvNeXt(-V2), EfficientNet, MobileNet, ResNet, ...) as a multi-scale backbone.
@@ -57,9 +57,20 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
                       'then bash tools/build_mmcv.sh for mmcv with compiled ops') from _err
 
 from .._version import __version__
-from ..core import (AdapterConfig, adapter_metadata, adapter_names, adapter_state_keys, check_adapter_metadata,
-                    check_spec_fields, check_state_dict, count_parameters, inject, is_adapter_key, iter_adapted,
-                    parse_adapter_spec)
+from ..core import (
+    AdapterConfig,
+    adapter_metadata,
+    adapter_names,
+    adapter_state_keys,
+    check_adapter_metadata,
+    check_spec_fields,
+    check_state_dict,
+    count_parameters,
+    inject,
+    is_adapter_key,
+    iter_adapted,
+    parse_adapter_spec,
+)
 
 __all__ = ['TimmBackbone', 'VisadaptRunner', 'AdapterCheckpointHook', 'AdapterStatsHook', 'MPCRegularizerHook',
            'resolve_adapter_config', 'adapter_checkpoint_keys', 'stage_of', 'delta_weight_norms',
@@ -407,7 +418,7 @@ class MPCRegularizerHook(Hook):
         self._handle = None
 
     def before_train(self, runner) -> None:
-        from .mpc import regularization_loss
+        from ..core import regularization_loss
         model = _unwrap(runner.model)
         wants = any(getattr(a.config, 'mpc', None) in ('o', 'd')
                     for _, m in iter_adapted(model) for a in m.visadapt.values())

@@ -40,13 +40,24 @@ import importlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from ..core import (SUPPORTED_LAYER_TYPES, AdapterConfig, AdapterSpec, check_state_dict, get_config_class, inject,
-                    is_adapter_key, is_plain_layer, matches, parse_adapter_spec, read_state_dict)
+from ..core import (
+    SUPPORTED_LAYER_TYPES,
+    AdapterConfig,
+    AdapterSpec,
+    check_state_dict,
+    get_config_class,
+    inject,
+    is_adapter_key,
+    is_plain_layer,
+    matches,
+    parse_adapter_spec,
+    read_state_dict,
+)
 
 try:
     import timm as _timm

@@ -34,11 +34,11 @@ import torch
 import torch.nn as nn
 
 from ..core.adapter import Adapter
-from ..core.factors import Factors
 from ..core.config import AdapterConfig, check_positive_int
+from ..core.factors import Factors
 from ..core.registry import register
-from .mpc import MPCConfigMixin
 from ..core.site import Site, input_positions, output_positions, pointwise, run_op
+from .mpc import MPCConfigMixin
 
 __all__ = ['FLoRAConfig', 'FLoRAAdapter', 'flora_ranks', 'flora_num_params', 'mode_product', 'tucker_weight',
            'flora_delta_weight', 'flora_bypass']
@@ -46,7 +46,7 @@ __all__ = ['FLoRAConfig', 'FLoRAAdapter', 'flora_ranks', 'flora_num_params', 'mo
 
 @dataclass
 class FLoRAConfig(MPCConfigMixin, AdapterConfig):
-    """FLoRA hyper-parameters (plus ``mpc='o'``/``'d'`` on the channel factors, see :mod:`visadapt.mpc`).
+    """FLoRA hyper-parameters (plus ``mpc='o'``/``'d'`` on the channel factors, see :mod:`visadapt.methods.mpc`).
 
     Attributes:
         r: rank of the channel modes (out and in/groups), clamped to each mode's size.

@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 
 from ..core.adapter import Adapter
-from ..core.factors import Factors
 from ..core.config import AdapterConfig, check_positive_int
+from ..core.factors import Factors
 from ..core.registry import register
-from .mpc import MPCAdapterMixin, MPCConfigMixin
 from ..core.site import Site, output_positions, pointwise, run_op
+from .mpc import MPCAdapterMixin, MPCConfigMixin
 
 __all__ = ['LoRAConfig', 'LoRAAdapter', 'lora_shapes', 'lora_delta_weight', 'lora_bypass']
 
@@ -35,7 +35,7 @@ CONV_FORMS = ('chain', 'reshape')
 
 @dataclass
 class LoRAConfig(MPCConfigMixin, AdapterConfig):
-    """LoRA hyper-parameters (plus the MPC fields ``mpc``/``mpc_weight``/``mpc_act``, see :mod:`visadapt.mpc`).
+    """LoRA hyper-parameters (plus the MPC fields ``mpc``/``mpc_weight``/``mpc_act``, see :mod:`visadapt.methods.mpc`).
 
     Attributes:
         r: rank.

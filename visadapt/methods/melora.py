@@ -28,18 +28,18 @@ import torch
 import torch.nn as nn
 
 from ..core.adapter import Adapter
-from ..core.factors import Factors
 from ..core.config import AdapterConfig, check_positive_int
+from ..core.factors import Factors
 from ..core.registry import register
-from .mpc import MPCAdapterMixin, MPCConfigMixin
 from ..core.site import Site, output_positions, pointwise, run_op
+from .mpc import MPCAdapterMixin, MPCConfigMixin
 
 __all__ = ['MELoRAConfig', 'MELoRAAdapter', 'melora_blocks', 'melora_delta_weight', 'melora_bypass']
 
 
 @dataclass
 class MELoRAConfig(MPCConfigMixin, AdapterConfig):
-    """MELoRA hyper-parameters (plus the MPC fields, see :mod:`visadapt.mpc`).
+    """MELoRA hyper-parameters (plus the MPC fields, see :mod:`visadapt.methods.mpc`).
 
     Attributes:
         r: rank of each mini-LoRA (ΔW has rank up to n·r).

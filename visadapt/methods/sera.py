@@ -27,7 +27,7 @@ Layers: ``nn.Linear``, fused qkv slices (``slices=['q', 'v']``) and ``nn.Multihe
 are not supported: a segment of a conv's input would have to be a group of input channels with its whole kernel,
 and depthwise/grouped kernels (in/groups = 1) cannot be segmented, so SeRA declares Linear layers only.
 
-MPC (:mod:`visadapt.mpc`): ``mpc='o'``/``'d'`` regularize A and B. Their Gram matrices are block-diagonal, so the
+MPC (:mod:`visadapt.methods.mpc`): ``mpc='o'``/``'d'`` regularize A and B. Their Gram matrices are block-diagonal, so the
 penalty is computed exactly from the blocks (A_i A_iᵀ and B_iᵀ B_i); ``mpc='n'`` computes α · B C σ(A x).
 """
 from __future__ import annotations
@@ -40,18 +40,18 @@ import torch
 import torch.nn as nn
 
 from ..core.adapter import Adapter
-from ..core.factors import Factors
 from ..core.config import AdapterConfig, check_positive_int
+from ..core.factors import Factors
 from ..core.registry import register
-from .mpc import MPCAdapterMixin, MPCConfigMixin
 from ..core.site import Site
+from .mpc import MPCAdapterMixin, MPCConfigMixin
 
 __all__ = ['SeRAConfig', 'SeRAAdapter', 'sera_num_params', 'sera_check_split', 'sera_delta_weight', 'sera_bypass']
 
 
 @dataclass
 class SeRAConfig(MPCConfigMixin, AdapterConfig):
-    """SeRA hyper-parameters (plus the MPC fields ``mpc``/``mpc_weight``/``mpc_act``, see :mod:`visadapt.mpc`).
+    """SeRA hyper-parameters (plus the MPC fields ``mpc``/``mpc_weight``/``mpc_act``, see :mod:`visadapt.methods.mpc`).
 
     Attributes:
         r: rank of the recombination matrix C (the width of the bottleneck).

@@ -55,9 +55,9 @@ import torch
 import torch.nn as nn
 
 from ..core.adapter import Adapter
+from ..core.config import AdapterConfig, check_positive_int
 from ..core.factors import Factors
 from ..core.fingerprint import fingerprint, fingerprint_mismatch
-from ..core.config import AdapterConfig, check_positive_int
 from ..core.registry import register
 from ..core.site import Site, output_positions, pointwise, run_op
 
@@ -182,7 +182,7 @@ def svft_pattern(pattern: str, p: int, off_diag: int = 2, k: Optional[int] = Non
             raise ValueError(f"SVFT pattern='top_k' ranks |u_iᵀ v_j| and needs a square weight (out == in); got "
                              f"a weight matrix of shape (out, in) = {shape}; use 'banded' or 'random' here")
         align = (U.t().double() @ V.double()).abs().flatten()   # (p·p,): |u_iᵀ v_j| row-major
-        flat = torch.topk(align.cpu(), n, sorted=False).indices
+        flat = torch.topk(align if align.is_meta else align.cpu(), n, sorted=False).indices
     else:
         raise ValueError(f'SVFT pattern={pattern!r} is not valid; use one of {PATTERNS}')
     flat = flat.sort().values
@@ -250,7 +250,7 @@ class SVFTAdapter(Adapter):
         U, V = svft_bases(weight.reshape(out_f, in_f), config.r)
         self.p = U.shape[1]
         indices = svft_pattern(config.pattern, self.p, config.off_diag, config.k, config.seed, U, V)
-        self.fingerprint = fingerprint(weight)
+        self.fingerprint = None if weight.is_meta else fingerprint(weight)  # meta: dry-run counts (budget)
         self.basis_dtype = None if config.basis_dtype is None else _BASIS_DTYPES[config.basis_dtype]
         self.register_buffer('U', U, persistent=False)
         self.register_buffer('V', V, persistent=False)

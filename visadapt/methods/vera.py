@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 
 from ..core.adapter import Adapter
+from ..core.config import AdapterConfig, check_positive_int
 from ..core.factors import Factors
 from ..core.fingerprint import fingerprint, fingerprint_mismatch
-from ..core.config import AdapterConfig, check_positive_int
 from ..core.registry import register
 from ..core.site import Site, output_positions
 from .lora import lora_bypass, lora_delta_weight
