@@ -221,6 +221,37 @@ def test_merge_equals_unmerged_and_unmerge_restores(method, variant, case):
             torch.testing.assert_close(p.detach(), w0[n], **tolerance(w0[n], 1e-5))
 
 
+#: methods whose update is exactly a product of small factors on every layer their config accepts (``factor_form``
+#: must exist there and rebuild ΔW); any other method must refuse with a ValueError naming itself
+FACTORED = {'lora', 'dora', 'moslora', 'melora', 'vera', 'flora', 'sera', 'svft'}
+
+
+@battery
+def test_factor_form_rebuilds_delta_exactly(method, variant, case):
+    """Every export reads ``Adapter.factor_form()``: where declared it must rebuild ΔW (and the Tucker form's
+    chain too); where not, it refuses by name. LoRA's conv reshape form and MPC_n have no such form."""
+    model = build(case)
+    inject(model, method, variant)
+    randomize_adapters(model)
+    adapter = the_adapter(model)
+    weight = model.layer.weight.detach()
+    reshape = variant.get('conv_form') == 'reshape' and weight.dim() > 2 and weight.shape[2] > 1  # rows: out × k_1
+    if method not in FACTORED or reshape:
+        with pytest.raises(ValueError, match=visadapt.METHODS[method].method):
+            adapter.factor_form()
+        return
+    form = adapter.factor_form()
+    with torch.no_grad():
+        expected = (adapter.adapted_weight(weight) - weight) if form.magnitude is None \
+            else adapter.delta_weight()  # DoRA: the factors are its LoRA part, the magnitude is m
+        for rebuilt in (form.delta_weight(), form.as_chain().delta_weight(), form.simplified().delta_weight()):
+            torch.testing.assert_close(rebuilt, expected, rtol=1e-5, atol=1e-6)
+    if form.magnitude is not None:
+        assert torch.equal(form.magnitude, adapter.m)
+    if form.mid is not None:
+        assert form.down.shape[2:] == (1,) * (weight.dim() - 2) and form.mid.shape[2:] == weight.shape[2:]
+
+
 @battery
 def test_remove_restores_original_module(method, variant, case):
     model = build(case)

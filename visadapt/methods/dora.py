@@ -22,6 +22,7 @@ functions); it adds a magnitude vector:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -97,18 +98,13 @@ class DoRAAdapter(LoRAAdapter):
 
     def factor_form(self) -> Factors:
         """LoRA's chain (down = A, up = scale · B) and the magnitude m; needs the chain form."""
-        if self.site.kind != 'linear' and self.conv_form != 'chain':
-            raise ValueError(f'DoRA has no exact low-rank form here: {self.why_no_factors()}')
-        up = self.scale * self.B
-        return Factors(self.A, up.reshape(*up.shape, *([1] * self.site.ndim)), magnitude=self.m)
+        return dataclasses.replace(super().factor_form(), magnitude=self.m)
+
+    def _is_chain(self) -> bool:  # DoRA has no bypass: read the form from the config
+        return self.site.kind == 'linear' or self.conv_form == 'chain' or self.site.kernel_size[0] == 1
 
     def why_no_bypass(self) -> str:
         return 'the norm ‖W + ΔW‖_c needs the base weight, which a bypass does not see'
-
-    def why_no_factors(self) -> str:
-        if self.site.kind != 'linear' and self.conv_form != 'chain':
-            return "the conv reshape form's ΔW is not a rank-r chain"
-        return super().why_no_factors()
 
     def delta_macs(self) -> int:
         return super().delta_macs() + 2 * self.B.shape[0] * self.A[0].numel()

@@ -138,18 +138,23 @@ class LoRAAdapter(MPCAdapterMixin, Adapter):
         return self.B
 
     def factor_form(self) -> Factors:
-        """down = A (the chain's conv with the layer's kernel), up = scale · B."""
-        if not self.has_bypass:
+        """down = A (the chain's conv with the layer's kernel), up = scale · B. The conv reshape form is a chain too
+        when its first kernel dim is 1 (then its rows are just the output channels)."""
+        if not self._is_chain():
             return super().factor_form()
         self._check_weight_path()
         up = self.scale * self._up()
-        return Factors(self.A, up.reshape(*up.shape, *([1] * self.site.ndim)))
+        return Factors(self.A.reshape(self.A.shape[0], *self.site.weight_shape[1:]),
+                       up.reshape(*up.shape, *([1] * self.site.ndim)))
+
+    def _is_chain(self) -> bool:
+        return self.has_bypass or self.site.kernel_size[0] == 1
 
     def why_no_bypass(self) -> str:
         return "it needs LoRA conv_form='chain'; the reshape form has only the weight path"
 
     def why_no_factors(self) -> str:
-        if not self.has_bypass:
+        if not self._is_chain():
             return "the conv reshape form's ΔW (rows: out channel × first kernel dim) is not a rank-r chain"
         return super().why_no_factors()
 
