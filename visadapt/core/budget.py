@@ -191,6 +191,14 @@ def match_budget(model: nn.Module, config: AdapterConfig, target: int, *, field:
     names = {f.name for f in dataclasses.fields(config)}
     if field not in names or not isinstance(getattr(config, field), int):
         raise ValueError(f'{config.method} has no integer field {field!r} to tune; its fields: {sorted(names)}')
+    counts = _evaluate_knob(counter, config, field, target, values, max_value)
+    best = _best_value(config, field, counts, target, at_most)
+    return BudgetMatch(dataclasses.replace(config, **{field: best}), field, best, counts[best], target, counts)
+
+
+def _evaluate_knob(counter: BudgetCounter, config: AdapterConfig, field: str, target: int,
+                   values: Optional[Iterable[int]], max_value: int) -> Dict[int, Optional[int]]:
+    """Knob value → trainable count (None where the method rejects the value) for the values the search visits."""
     counts: Dict[int, Optional[int]] = {}
 
     def evaluate(v: int) -> Optional[int]:
@@ -206,19 +214,23 @@ def match_budget(model: nn.Module, config: AdapterConfig, target: int, *, field:
             evaluate(int(v))
     else:
         _search(evaluate, target, max_value)
+    return counts
+
+
+def _best_value(config: AdapterConfig, field: str, counts: Dict[int, Optional[int]], target: int,
+                at_most: bool) -> int:
     valid = {v: c for v, c in counts.items() if c is not None}
     if not valid:
         tried = sorted(counts)
         raise ValueError(f'{config.method}: no value of {field} in {tried[:8]}{"..." if len(tried) > 8 else ""} '
                          f'gives a valid adapter for this model')
     if at_most:
-        valid = {v: c for v, c in valid.items() if c <= target}
-        if not valid:
+        fitting = {v: c for v, c in valid.items() if c <= target}
+        if not fitting:
             raise ValueError(f'a parameter budget of {target:,} is too small for {config.method}: the smallest '
-                             f'{field} tried already needs {min(c for c in counts.values() if c is not None):,} '
-                             f'parameters on these layers')
-    best = min(valid, key=lambda v: (abs(valid[v] - target), v))
-    return BudgetMatch(dataclasses.replace(config, **{field: best}), field, best, valid[best], target, counts)
+                             f'{field} tried already needs {min(valid.values()):,} parameters on these layers')
+        valid = fitting
+    return min(valid, key=lambda v: (abs(valid[v] - target), v))
 
 
 def _search(evaluate, target: int, max_value: int) -> None:
