@@ -77,10 +77,12 @@ BOOKKEEPING = {'peft_type', 'task_type', 'inference_mode', 'base_model_name_or_p
                'peft_version', 'target_modules', 'exclude_modules', 'layers_to_transform', 'layers_pattern',
                'modules_to_save'}
 #: PEFT config fields each reader maps (all others must be at PEFT's defaults)
+#: (init-only fields: init_lora_weights (checked below), eva_config, init_ia3_weights, d_initial, init_weights;
+#: save_projection: the projections must be in the file, checked by the VeRA reader)
 MAPPED_FIELDS = {'LORA': {'r', 'lora_alpha', 'rank_pattern', 'alpha_pattern', 'use_rslora', 'use_dora', 'lora_dropout',
-                          'init_lora_weights'},
+                          'init_lora_weights', 'eva_config'},
                  'IA3': {'feedforward_modules', 'init_ia3_weights'},
-                 'VERA': {'r', 'projection_prng_key', 'vera_dropout', 'd_initial', 'init_weights'}}
+                 'VERA': {'r', 'projection_prng_key', 'save_projection', 'vera_dropout', 'd_initial', 'init_weights'}}
 #: init_lora_weights values that leave the base weights alone when PEFT loads the adapter (pissa, olora, corda,
 #: loftq, lora_ga, mica rewrite them)
 BASE_PRESERVING_INITS = (True, False, 'gaussian', 'eva', 'orthogonal')
@@ -114,7 +116,7 @@ def peft_layer_problem(model: nn.Module, layer: str, module: nn.Module) -> Optio
         return ("it belongs to an nn.MultiheadAttention, whose forward reads in_proj_weight and out_proj.weight "
                 "directly; PEFT's layouts for it differ from visadapt's, so it is not converted")
     if not is_adapted(module) and not is_plain_layer(module):
-        return f'it is a {type(module).__name__}, not a plain nn.Linear/nn.Conv1d/nn.Conv2d/nn.Conv3d'
+        return f'its type {type(module).__name__} is not a plain nn.Linear/nn.Conv1d/nn.Conv2d/nn.Conv3d'
     site = module.site if is_adapted(module) else site_from_module(module)
     if site.kind != 'conv':
         return None
@@ -400,22 +402,24 @@ def _read_vera(model, config, layers, shared, source: str, reparametrize: bool) 
                                            'B = diag(λ_b) vera_B)']
 
 
-def _check_selection(model: nn.Module, part: _Part, source: str) -> None:
-    """The config must select exactly the file's layers and train modules (visadapt patterns also match dotted
-    suffixes, which can reach further than a PEFT name)."""
-    want = sorted(part.config.include)
+def _exact_selection(model: nn.Module, part: _Part, source: str) -> None:
+    """Make ``part.config`` select exactly the file's layers and train modules: visadapt's name patterns also match
+    dotted suffixes (``'fc'`` selects ``head.fc``), so layers reached that way are excluded by name."""
+    want, trained = sorted(part.config.include), sorted(part.config.train_modules)
     got = sorted(n for n, _ in select_targets(model, part.config))
-    trained = sorted(select_train_modules(model, part.config.train_modules))
-    if got != want or trained != sorted(part.config.train_modules):
-        extra = sorted(set(got + trained) - set(want + part.config.train_modules))
-        raise ValueError(f'{source}: visadapt name patterns cannot single out these layers (they would also select '
-                         f'{extra[:3]}); rename the modules or load into a model without the clash')
+    if got != want:
+        part.config = dataclasses.replace(part.config, exclude=[n for n in got if n not in want])
+        got = sorted(n for n, _ in select_targets(model, part.config))
+    if got != want or sorted(select_train_modules(model, trained)) != trained:
+        extra = sorted(set(got) ^ set(want)) or sorted(set(select_train_modules(model, trained)) ^ set(trained))
+        raise ValueError(f'{source}: visadapt name patterns cannot select exactly these layers and modules (the '
+                         f'difference: {extra[:3]})')
 
 
 def _apply(model: nn.Module, parts: List[_Part], source: str) -> None:
     """Inject and load every part, or nothing: on any error the injected parts are removed again."""
     for part in parts:
-        _check_selection(model, part, source)
+        _exact_selection(model, part, source)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     done: List[str] = []
     try:
