@@ -108,7 +108,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def _main(*args: str):
     """The command's main() in this process (saves the interpreter start-up; the subprocess test covers the CLI)."""
     from visadapt.apps import analyze
-    return analyze.main(list(args))
+    return analyze.run(list(args))
 
 
 def test_command_on_two_trained_adapters(trained, tmp_path):

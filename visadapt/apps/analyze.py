@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -36,7 +37,7 @@ import visadapt
 from visadapt.core import atomic_write_bytes
 from visadapt.core.analysis import LayerAnalysis, analyze, compare
 
-__all__ = ['main', 'parse_args', 'load_and_analyze']
+__all__ = ['main', 'run', 'parse_args', 'load_and_analyze']
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -170,7 +171,8 @@ def _finite(x: float) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict:
+def run(argv: Optional[Sequence[str]] = None) -> Dict:
+    """The command's work: returns the report written to ``analysis.json``; raises ValueError on a bad adapter."""
     args = parse_args(argv)
     import matplotlib
     matplotlib.use('Agg')
@@ -206,5 +208,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     return report
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``visadapt-analyze``: exit status 0, or 2 with one ``error:`` line for a bad adapter or model."""
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f'visadapt-analyze: error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(main())
