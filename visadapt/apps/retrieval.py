@@ -1,18 +1,17 @@
 """Image–text retrieval: the losses that align two towers and the recall metrics that score them.
 
-Tensor functions with no dependency on open_clip (the model glue is :mod:`visadapt.integrations.open_clip_models`),
-and the data/evaluation helpers of the retrieval trainer.
+Tensor functions with no dependency on open_clip (the model glue is :mod:`visadapt.integrations.open_clip_models`,
+the trainer is :mod:`visadapt.apps.train_clip`), and the data/evaluation helpers of the retrieval trainer.
 
-Losses (embeddings are L2-normalised inside, so similarities are cosines):
+Loss (embeddings are L2-normalised inside, so similarities are cosines; the contrastive alternative with a learned
+temperature is open_clip's own ``ClipLoss``):
 
 * :func:`triplet_loss`: the triplet loss of Schroff et al. ("FaceNet", arXiv:1503.03832) in both directions with the
   hardest in-batch negative, as in VSE++ (Faghri et al., arXiv:1707.05612) and the retrieval setup of the SeRA
   paper ("Vector Segmented and Recombined Adaptation for Scalable and Efficient Model Tuning", section 4.2): for a
   matching pair (i, t) with similarity s(i, t),
   ``max(0, m + max_{t'} s(i, t') - s(i, t)) + max(0, m + max_{i'} s(i', t) - s(i, t))``, averaged over the batch.
-* :func:`info_nce_loss`: the symmetric InfoNCE (CLIP) loss with temperature τ.
-
-Both take optional ``image_ids``: batch items with the same id are the same image (two captions of one image in one
+It takes optional ``image_ids``: batch items with the same id are the same image (two captions of one image in one
 batch), so they are never used as each other's negatives.
 
 Metrics (:func:`retrieval_recall`), exactly as the SeRA paper's footnote defines R@K:
@@ -28,18 +27,36 @@ images' captions. ``ties='optimistic'`` counts only strictly greater wrong candi
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import random
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    Hashable,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['triplet_loss', 'info_nce_loss', 'retrieval_recall', 'RECALL_KEYS', 'TIE_RULES', 'read_pairs',
-           'split_by_image', 'embed_images', 'embed_texts', 'evaluate_retrieval']
+from visadapt.core import atomic_write_files
+
+__all__ = ['triplet_loss', 'retrieval_recall', 'RECALL_KEYS', 'TIE_RULES', 'read_pairs', 'split_by_image',
+           'write_csv_split', 'CSV_IMAGE_KEY', 'CSV_CAPTION_KEY', 'embed_images', 'embed_texts', 'embed_batches',
+           'evaluate_retrieval']
 
 PathLike = Union[str, os.PathLike]
 
@@ -94,30 +111,6 @@ def triplet_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, margin: float 
     i2t = (margin + hardest_text - pos).clamp(min=0)
     t2i = (margin + hardest_image - pos).clamp(min=0)
     return (i2t + t2i).mean()
-
-
-def info_nce_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, temperature: float = 0.07,
-                  image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Symmetric InfoNCE (the CLIP loss): cross-entropy over cosine similarities / τ in both directions.
-
-    Args:
-        image_emb: Tensor[B, D]; row b matches ``text_emb[b]``.
-        text_emb: Tensor[B, D].
-        temperature: τ > 0.
-        image_ids: optional Tensor[B]; other captions of the same image are removed from the softmax.
-
-    Returns:
-        Scalar: (CE(image→text) + CE(text→image)) / 2, averaged over the batch.
-    """
-    _check_pair(image_emb, text_emb, image_ids)
-    if not temperature > 0:
-        raise ValueError(f'temperature must be > 0, got {temperature!r}')
-    logits = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).t() / temperature
-    same = _same_image(image_ids, logits.shape[0], logits.device)
-    logits = logits.masked_fill(same & ~torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device),
-                                float('-inf'))
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
 def retrieval_recall(similarity: torch.Tensor, text_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
@@ -245,28 +238,118 @@ def split_by_image(items: Sequence[Tuple[str, List[str]]], val_fraction: float, 
     return [items[i] for i in range(len(items)) if i not in val_set], [items[i] for i in val]
 
 
+#: the column names :func:`write_csv_split` writes: open_clip_train's ``--csv-img-key``/``--csv-caption-key`` examples
+CSV_IMAGE_KEY, CSV_CAPTION_KEY = 'filepath', 'title'
+
+
+def write_csv_split(data: PathLike, output_dir: PathLike, val_fraction: float = 0.2, seed: int = 0,
+                    image_key: str = 'image', caption_key: str = 'caption') -> Dict[str, Any]:
+    """Turn a caption file (JSONL or CSV, see :func:`read_pairs`) into open_clip_train's input: ``train.csv`` and
+    ``val.csv`` in ``output_dir``, split **by image** (no image on both sides), one row per caption, columns
+    ``filepath,title`` (comma-separated, absolute image paths).
+
+    Train with ``--train-data DIR/train.csv --val-data DIR/val.csv --csv-img-key filepath --csv-caption-key title
+    --csv-separator ,``. Returns the two paths and the image/caption counts of each side.
+    """
+    items = read_pairs(data, image_key, caption_key)
+    train, val = split_by_image(items, val_fraction, seed)
+    out: Dict[str, Any] = {}
+    files = {}
+    for split, part in (('train', train), ('val', val)):
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator='\n')
+        writer.writerow([CSV_IMAGE_KEY, CSV_CAPTION_KEY])
+        writer.writerows([path, caption] for path, captions in part for caption in captions)
+        path = os.path.join(os.fspath(output_dir), f'{split}.csv')
+        files[path] = buf.getvalue().encode('utf-8')
+        out[split] = {'path': path, 'images': len(part), 'captions': sum(len(c) for _, c in part)}
+    atomic_write_files(files)
+    return out
+
+
 # ---- embedding and evaluation ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside, every module's own mode restored afterwards (frozen BatchNorms stay in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features.float(), dim=-1)
+
+
 @torch.no_grad()
 def embed_images(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """L2-normalised image embeddings: Tensor[N, 3, H, W] → Tensor[N, D] (float32, on the images' device)."""
-    out = [F.normalize(model.encode_image(images[i:i + batch_size]).float(), dim=-1)
-           for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(out)
+    return torch.cat([_unit(model.encode_image(images[i:i + batch_size]))
+                      for i in range(0, images.shape[0], batch_size)])
 
 
 @torch.no_grad()
 def embed_texts(model: nn.Module, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised caption embeddings: Tensor[N, L] token ids → Tensor[N, D]."""
-    out = [F.normalize(model.encode_text(tokens[i:i + batch_size]).float(), dim=-1)
-           for i in range(0, tokens.shape[0], batch_size)]
-    return torch.cat(out)
+    return torch.cat([_unit(model.encode_text(tokens[i:i + batch_size]))
+                      for i in range(0, tokens.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def embed_batches(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+                  image_keys: Optional[Sequence[Hashable]] = None,
+                  prepare: Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None,
+                  autocast: Callable[[], ContextManager] = contextlib.nullcontext
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embed (image, caption) rows from a loader (open_clip_train's validation DataLoader), each image only once.
+
+    Args:
+        model: an open_clip model (``encode_image`` / ``encode_text``), run in eval mode.
+        batches: ``(images Tensor[B, 3, H, W], tokens Tensor[B, L])`` batches of consecutive rows, in order.
+        image_keys: one key per row naming its image (e.g. the CSV's file paths): rows with the same key are
+            captions of one image. None: every row is its own image.
+        prepare: moves a batch to the model's device/dtype.
+        autocast: a context-manager factory around the forward passes (open_clip_train's ``get_autocast``).
+
+    Returns:
+        (Tensor[N_img, D] image embeddings in order of first appearance, Tensor[N_txt, D] caption embeddings,
+        Tensor[N_txt] each caption's image index): L2-normalised float32, ready for :func:`retrieval_recall`.
+    """
+    index: Dict[Hashable, int] = {}
+    images_out, texts_out, text_image = [], [], []
+    rows = 0
+    with _eval_mode(model):
+        for images, tokens in batches:
+            if prepare is not None:
+                images, tokens = prepare(images, tokens)
+            end = rows + tokens.shape[0]
+            keys = range(rows, end) if image_keys is None else image_keys[rows:end]
+            new = []
+            for j, key in enumerate(keys):
+                if key not in index:
+                    index[key] = len(index)
+                    new.append(j)
+                text_image.append(index[key])
+            with autocast():
+                if new:
+                    images_out.append(_unit(model.encode_image(images[new])))
+                texts_out.append(_unit(model.encode_text(tokens)))
+            rows = end
+    if image_keys is not None and rows != len(image_keys):
+        raise ValueError(f'the loader gave {rows} rows but there are {len(image_keys)} image keys')
+    if not rows:
+        raise ValueError('the loader gave no rows')
+    return torch.cat(images_out), torch.cat(texts_out), torch.tensor(text_image, dtype=torch.long)
 
 
 @torch.no_grad()
 def evaluate_retrieval(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, text_image: torch.Tensor,
                        batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), ties: str = 'pessimistic'
                        ) -> Dict[str, float]:
-    """R@K both ways and their sum (see :func:`retrieval_recall`) with cosine similarity.
+    """R@K both ways and their sum (see :func:`retrieval_recall`) with cosine similarity, for tensors in memory.
 
     Args:
         model: an open_clip model; evaluated in eval mode (every module's mode is restored afterwards).
@@ -274,11 +357,6 @@ def evaluate_retrieval(model: nn.Module, images: torch.Tensor, tokens: torch.Ten
         tokens: Tensor[N_txt, L] tokenized captions.
         text_image: Tensor[N_txt] index of each caption's image.
     """
-    modes = [(m, m.training) for m in model.modules()]   # restored per module (frozen BatchNorms stay in eval)
-    model.eval()
-    try:
+    with _eval_mode(model):
         similarity = embed_images(model, images, batch_size) @ embed_texts(model, tokens, 4 * batch_size).t()
-    finally:
-        for module, mode in modes:
-            module.training = mode
     return retrieval_recall(similarity, text_image, ks=ks, ties=ties)

@@ -133,7 +133,8 @@ def _register_config(name: str, model_cfg: Dict[str, Any]) -> None:
 
 
 def _replace_timm_trunk(model: nn.Module, vision_cfg: Dict[str, Any], source: Union[str, os.PathLike]) -> Dict:
-    """Swap the timm image trunk for one with pretrained weights (``'packaged'`` or a local timm checkpoint)."""
+    """Swap the timm image trunk for one with pretrained weights (``'packaged'`` or a local timm checkpoint), on the
+    old trunk's device and in its dtype (open_clip's ``precision`` has already been applied to the model)."""
     from . import timm_models as vtimm
     trunk = model.visual.trunk
     arch = vision_cfg['timm_model_name']
@@ -149,14 +150,37 @@ def _replace_timm_trunk(model: nn.Module, vision_cfg: Dict[str, Any], source: Un
                          f'(first differing key: {(bad or sorted(set(new_state) ^ set(old_state)))[0]!r})')
     if trunk.num_classes:  # the classifier is the CLIP projection here: keep its fresh init from the config build
         new.get_classifier().load_state_dict(trunk.get_classifier().state_dict())
-    model.visual.trunk = new
+    first = next(trunk.parameters())
+    model.visual.trunk = new.to(device=first.device, dtype=first.dtype)
     return dict(new.pretrained_cfg)
+
+
+def _model_config(model_name: Optional[str], config_path: Optional[PathLike]
+                  ) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    """(name, model_cfg, preprocess_cfg) of an open_clip architecture or a config file (registered with open_clip)."""
+    if (model_name is None) == (config_path is None):
+        raise ValueError(f'pass exactly one of model_name and config_path; got model_name={model_name!r}, '
+                         f'config_path={config_path!r}')
+    if config_path is not None:
+        name, model_cfg, preprocess_cfg = load_model_config(config_path)
+        _register_config(name, model_cfg)
+        return name, model_cfg, preprocess_cfg
+    model_cfg = _open_clip.get_model_config(model_name)
+    if model_cfg is None:
+        raise ValueError(f'unknown open_clip model {model_name!r}; known: {", ".join(_open_clip.list_models()[:8])}, '
+                         f'... ({len(_open_clip.list_models())} in all), or pass config_path')
+    return model_name, model_cfg, {}
 
 
 def create_clip(model_name: Optional[str] = None, *, config_path: Optional[PathLike] = None,
                 pretrained: Optional[PathLike] = None, pretrained_image: Optional[Union[str, os.PathLike]] = None,
-                device: Union[str, torch.device] = 'cpu') -> ClipBundle:
-    """Build an open_clip model, its tokenizer and transforms, offline.
+                device: Union[str, torch.device] = 'cpu', precision: str = 'fp32',
+                image_mean: Optional[Sequence[float]] = None, image_std: Optional[Sequence[float]] = None,
+                image_interpolation: Optional[str] = None, image_resize_mode: Optional[str] = None,
+                aug_cfg: Optional[Dict[str, Any]] = None, context_length: Optional[int] = None,
+                **open_clip_kwargs: Any) -> ClipBundle:
+    """Build an open_clip model, its tokenizer and transforms, offline (``open_clip.create_model_and_transforms``'s
+    arguments, plus a config file and timm tower weights that never come from a hub).
 
     Args:
         model_name: an open_clip architecture (``'ViT-B-32'``, ``'RN50'``); or None with ``config_path``.
@@ -165,47 +189,42 @@ def create_clip(model_name: Optional[str] = None, *, config_path: Optional[PathL
             tags download).
         pretrained_image: weights for a timm image tower: ``'packaged'`` or a local timm checkpoint file; applied
             after ``pretrained`` (it replaces the image trunk). The image normalization then follows those weights
-            (e.g. mean = std = 0.5 for EfficientNet-Lite0) unless the config's ``preprocess_cfg`` sets it.
-        device: where to build the model.
+            (e.g. mean = std = 0.5 for EfficientNet-Lite0) unless the config's ``preprocess_cfg`` or ``image_mean`` /
+            ``image_std`` set it.
+        device, precision: open_clip's (``precision`` in ``'fp32'``, ``'bf16'``, ``'fp16'``, ``'pure_bf16'``, ...:
+            the dtype the weights are kept in; autocast is the trainer's business).
+        image_mean, image_std, image_interpolation, image_resize_mode, aug_cfg: open_clip's preprocessing overrides
+            and training augmentation (``AugmentationCfg`` fields).
+        context_length: the tokenizer's context length (default: the model's).
+        **open_clip_kwargs: passed on to ``open_clip.create_model`` (``force_image_size``, ``force_quick_gelu``,
+            ``force_patch_dropout``, ``force_context_length``, ``output_dict``, model constructor arguments).
     """
     has_open_clip(necessary=True)
-    if (model_name is None) == (config_path is None):
-        raise ValueError(f'pass exactly one of model_name and config_path; got model_name={model_name!r}, '
-                         f'config_path={config_path!r}')
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_kwargs
     if pretrained is not None and not os.path.isfile(os.fspath(pretrained)):
         raise FileNotFoundError(f'pretrained={os.fspath(pretrained)!r} is not a file; pass a local CLIP checkpoint '
                                 f'(pretrained tags would download from a hub, which visadapt never does)')
-    preprocess_cfg: Dict[str, Any] = {}
-    if config_path is not None:
-        name, model_cfg, preprocess_cfg = load_model_config(config_path)
-        _register_config(name, model_cfg)
-    else:
-        name = model_name
-        model_cfg = _open_clip.get_model_config(name)
-        if model_cfg is None:
-            raise ValueError(f'unknown open_clip model {name!r}; known: {", ".join(_open_clip.list_models()[:8])}, '
-                             f'... ({len(_open_clip.list_models())} in all), or pass config_path')
+    name, model_cfg, preprocess_cfg = _model_config(model_name, config_path)
     vision_cfg = model_cfg['vision_cfg']
     if pretrained_image is not None and 'timm_model_name' not in vision_cfg:
         raise ValueError(f'pretrained_image is for timm image towers, but {name!r} has no vision_cfg.timm_model_name')
+    # priority: the user's overrides > the config's preprocess_cfg > the timm weights' normalization > open_clip's
+    forced = {**merge_preprocess_kwargs({}, **{k: v for k, v in preprocess_cfg.items() if k != 'size'}),
+              **merge_preprocess_kwargs({}, mean=image_mean, std=image_std, interpolation=image_interpolation,
+                                        resize_mode=image_resize_mode)}
     model = _open_clip.create_model(name, pretrained=None if pretrained is None else os.fspath(pretrained),
-                                    pretrained_image=False, device='cpu')
+                                    pretrained_image=False, device=device, precision=precision,
+                                    force_preprocess_cfg=forced, **open_clip_kwargs)
     if pretrained_image is not None:
         timm_cfg = _replace_timm_trunk(model, vision_cfg, pretrained_image)
-        preprocess_cfg = {'mean': tuple(timm_cfg['mean']), 'std': tuple(timm_cfg['std']), **preprocess_cfg}
-    model.to(device)
-    pp = dict(model.visual.preprocess_cfg)
-    pp.update({k: v for k, v in preprocess_cfg.items() if k in ('mean', 'std', 'interpolation', 'resize_mode')})
-    size = model.visual.image_size
-    preprocess_train = _open_clip.image_transform(size, is_train=True, mean=pp['mean'], std=pp['std'],
-                                                  interpolation=pp.get('interpolation'),
-                                                  resize_mode=pp.get('resize_mode'))
-    preprocess_val = _open_clip.image_transform(size, is_train=False, mean=pp['mean'], std=pp['std'],
-                                                interpolation=pp.get('interpolation'),
-                                                resize_mode=pp.get('resize_mode'))
-    tokenizer = _open_clip.get_tokenizer(name)
-    return ClipBundle(model, tokenizer, preprocess_train, preprocess_val, name, model_cfg,
-                      tuple(pp['mean']), tuple(pp['std']))
+        weights_norm = {'mean': tuple(timm_cfg['mean']), 'std': tuple(timm_cfg['std'])}
+        _open_clip.set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **weights_norm, **forced})
+    pp = PreprocessCfg(**model.visual.preprocess_cfg)
+    preprocess_train = image_transform_v2(pp, is_train=True, aug_cfg=aug_cfg)
+    preprocess_val = image_transform_v2(pp, is_train=False)
+    tokenizer = _open_clip.get_tokenizer(name, context_length=context_length)
+    return ClipBundle(model, tokenizer, preprocess_train, preprocess_val, name, model_cfg, tuple(pp.mean),
+                      tuple(pp.std))
 
 
 # ---- targets ---------------------------------------------------------------------------------------------------------
@@ -321,12 +340,25 @@ def retrieval_configs(model: nn.Module, adapter: AdapterSpec = 'SeRA', conv_adap
     return configs
 
 
-def freeze_norm_stats(model: nn.Module) -> int:
-    """Put every BatchNorm in eval mode (call after ``model.train()``): frozen towers keep their running statistics,
-    so a saved adapter reproduces its metrics on a fresh copy of the base model. Returns how many were switched."""
-    n = 0
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
-            n += 1
-    return n
+def freeze_norm_stats(model: nn.Module, train_modules: Sequence[str] = ()) -> List[Any]:
+    """Keep every BatchNorm outside ``train_modules`` in eval mode for good, whatever ``model.train()`` a trainer
+    calls (open_clip_train's ``train_one_epoch`` calls it every epoch): frozen towers keep their running statistics,
+    so a saved adapter reproduces the tuned model on a fresh copy of the base model.
+
+    A forward pre-hook switches the layer to eval before each call, so the layer's own forward runs unchanged (and
+    its state_dict keys stay). open_clip's ``lock_image_tower(freeze_bn_stats=True)`` is not used: it swaps timm's
+    ``BatchNormAct2d`` for a plain ``FrozenBatchNorm2d`` and so drops the activation fused into it.
+
+    Returns:
+        The hook handles (``handle.remove()`` undoes it), one per BatchNorm.
+    """
+    def to_eval(module: nn.Module, _inputs: Any) -> None:
+        module.training = False
+
+    keep = tuple(train_modules)
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not _in(name, keep):
+            module.training = False
+            handles.append(module.register_forward_pre_hook(to_eval))
+    return handles
