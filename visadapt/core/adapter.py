@@ -31,6 +31,14 @@ __all__ = ['Adapter', 'FORWARD_PATHS']
 FORWARD_PATHS = ('auto', 'weight', 'bypass')
 
 
+def _any_trainable(module: nn.Module) -> bool:
+    """``any(p.requires_grad for p in module.parameters())`` without the generator machinery (hot path)."""
+    for p in module._parameters.values():
+        if p is not None and p.requires_grad:
+            return True
+    return any(_any_trainable(child) for child in module._modules.values() if child is not None)
+
+
 class Adapter(nn.Module):
     """One method's trainable update for one layer (or one slice of a fused layer).
 
@@ -119,15 +127,29 @@ class Adapter(nn.Module):
         return 1
 
     # ---- choices and bookkeeping ---------------------------------------------------------------------------------
+    def forced_path(self) -> Optional[bool]:
+        """True (bypass) or False (weight path) when the config or the adapter's capabilities fix the path, None when
+        ``auto`` chooses per input. Fixed once the adapter is built, so it is computed once (this is on the hot path
+        of every forward)."""
+        forced = self.__dict__.get('_forced_path', ())
+        if forced == ():
+            if self.forward_path == 'bypass' or not self.has_weight_path:
+                forced = True
+            elif self.forward_path == 'weight' or not self.has_bypass:
+                forced = False
+            else:
+                forced = None
+            self.__dict__['_forced_path'] = forced
+        return forced
+
     def use_bypass(self, x: torch.Tensor) -> bool:
         """Pick the path for this input: forced by ``config.forward_path``, else the one
         :mod:`visadapt.core.path_cost` predicts cheaper for this shape, device and mode (training or not); cached per
         input shape."""
-        if self.forward_path == 'bypass' or not self.has_weight_path:
-            return True
-        if self.forward_path == 'weight' or not self.has_bypass:
-            return False
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        forced = self.forced_path()
+        if forced is not None:
+            return forced
+        training = torch.is_grad_enabled() and _any_trainable(self)
         input_grad = torch.is_grad_enabled() and x.requires_grad
         key = (tuple(x.shape), x.device.type, training, input_grad)
         choice = self._path_cache.get(key)
