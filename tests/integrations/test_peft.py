@@ -36,9 +36,12 @@ CONVNEXT_CONVS = ['stem.0', 'stem.1', 'stages.1.downsample.1', 'stages.2.downsam
 
 
 def convnext() -> nn.Module:
-    """convnext_atto with the tiered 3×3 stride-2 stem (random init): 3×3, 2×2 stride 2, 7×7 depthwise, 1×1 convs."""
+    """convnext_atto with the tiered 3×3 stride-2 stem (random init): 3×3, 2×2 stride 2, 7×7 depthwise, 1×1 convs.
+
+    Layer scale starts at 1 (timm's 1e-6 would hide every update inside the blocks from the output).
+    """
     torch.manual_seed(0)
-    return timm.create_model('convnext_atto', num_classes=5, stem_type='overlap_tiered').eval()
+    return timm.create_model('convnext_atto', num_classes=5, stem_type='overlap_tiered', ls_init_value=1.0).eval()
 
 
 def vit(**kwargs) -> nn.Module:
@@ -337,3 +340,30 @@ def test_bad_tensor_leaves_model_unchanged(tmp_path, bad):
     with pytest.raises(ValueError, match='NaN' if bad == 'nan' else 'shape'):
         load_peft_adapter(model, path)
     assert_unchanged(model, before)
+
+
+class WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize('layer', ['attn', 'attn.out_proj'])
+def test_multihead_attention_refused_both_ways(tmp_path, layer):
+    """PEFT's nn.MultiheadAttention LoRA has its own layout, and a LoRA on its out_proj as a plain Linear is bypassed
+    by the attention's forward (it reads out_proj.weight directly): neither is converted."""
+    torch.manual_seed(0)
+    model = WithAttention()
+    visadapt.inject(model, visadapt.LoRAConfig(r=2, include=[layer]))
+    with pytest.raises(ValueError, match=f"layer '{layer}'.*nn.MultiheadAttention"):
+        save_peft_adapter(model, tmp_path / 'out')
+    path = peft_adapter_dir(tmp_path, WithAttention, LoraConfig(r=2, target_modules=[layer]))
+    torch.manual_seed(0)
+    fresh = WithAttention()
+    before = state_snapshot(fresh)
+    with pytest.raises(ValueError, match=f"layer '{layer}'.*nn.MultiheadAttention"):
+        load_peft_adapter(fresh, path)
+    assert_unchanged(fresh, before)

@@ -257,13 +257,15 @@ def _layer_modules(model: nn.Module, layers: Dict[str, Any], source: str) -> Dic
     """The model's modules for the file's layers; ValueError for a missing one or one PEFT treats differently."""
     modules = dict(model.named_modules())
     for layer in layers:
-        if layer not in modules:
+        owner = layer.split('.base_layer.')[0]   # PEFT nests sublayers of a layer it wrapped (MHA's out_proj) there
+        if owner not in modules:
             some = ', '.join(repr(n) for n, m in modules.items() if is_plain_layer(m))[:300]
             raise ValueError(f'{source} holds weights for layer {layer!r}, which this model does not have (its layers '
                              f'include {some})')
-        problem = peft_layer_problem(model, layer, modules[layer])
+        problem = peft_layer_problem(model, owner, modules[owner]) or (
+            f'PEFT wraps it in {owner!r}' if owner != layer else None)
         if problem:
-            raise ValueError(f'{source}: layer {layer!r} cannot be loaded exactly: {problem}')
+            raise ValueError(f'{source}: layer {owner!r} cannot be loaded exactly: {problem}')
     return {layer: modules[layer] for layer in layers}
 
 
