@@ -143,8 +143,10 @@ def test_peft_ia3_feedforward_and_bias_free_layers_load_exactly(tmp_path):
 
 @pytest.mark.parametrize('make', [vit, convnext], ids=['vit', 'convnext'])
 def test_peft_ia3_on_biased_layers_needs_reparametrize(tmp_path, make):
-    targets = ['proj', 'fc1', 'fc2'] if make is vit else ['stem.1', 'stages.1.downsample.1', 'fc1', 'fc2']
-    path = peft_adapter_dir(tmp_path, make, IA3Config(target_modules=targets, feedforward_modules=['fc2']))
+    targets = ['proj', 'fc1', 'fc2'] if make is vit else ['stem.1', 'stages.1.downsample.1', 'conv_dw', 'fc1', 'fc2']
+    # convnext: a regex (PEFT full-matches it), making one depthwise conv feed-forward (input scaled), the others not
+    feedforward = ['fc2'] if make is vit else r'.*(mlp\.fc2|stages\.0\.blocks\.0\.conv_dw)'
+    path = peft_adapter_dir(tmp_path, make, IA3Config(target_modules=targets, feedforward_modules=feedforward))
     x = _input(make)
     model = make()
     before = state_snapshot(model)

@@ -67,8 +67,8 @@ from ..core import (
                     site_from_module,
 )
 
-__all__ = ['load_peft_adapter', 'save_peft_adapter', 'read_peft_adapter', 'peft_lora_state', 'peft_layer_problem', 'PeftImport',
-           'has_peft']
+__all__ = ['load_peft_adapter', 'save_peft_adapter', 'read_peft_adapter', 'peft_lora_state', 'peft_layer_problem',
+           'PeftImport', 'has_peft']
 
 PEFT_PREFIX = 'base_model.model.'      # PeftModel.base_model (the tuner) .model (the user's model)
 VERA_PROJECTIONS = ('base_model.vera_A', 'base_model.vera_B')
@@ -109,8 +109,11 @@ def has_peft(necessary: bool = False) -> bool:
 
 
 # ---- what PEFT computes differently (both directions) --------------------------------------------------------------
-def peft_layer_problem(model: nn.Module, layer: str, module: nn.Module) -> Optional[str]:
-    """Why PEFT's LoRA on ``layer`` is not an update of its weight as visadapt's is, or None when they agree."""
+def peft_layer_problem(model: nn.Module, layer: str, module: nn.Module, lora: bool = True) -> Optional[str]:
+    """Why PEFT's adapter on ``layer`` does not compute what visadapt's does, or None when they agree.
+
+    ``lora``: also check the conv geometry PEFT's LoRA chain ignores ((IA)³'s scalings hold on any conv).
+    """
     parent = model.get_submodule(layer.rpartition('.')[0])
     if isinstance(module, nn.MultiheadAttention) or isinstance(parent, nn.MultiheadAttention):
         return ("it belongs to an nn.MultiheadAttention, whose forward reads in_proj_weight and out_proj.weight "
@@ -118,7 +121,7 @@ def peft_layer_problem(model: nn.Module, layer: str, module: nn.Module) -> Optio
     if not is_adapted(module) and not is_plain_layer(module):
         return f'its type {type(module).__name__} is not a plain nn.Linear/nn.Conv1d/nn.Conv2d/nn.Conv3d'
     site = module.site if is_adapted(module) else site_from_module(module)
-    if site.kind != 'conv':
+    if not lora or site.kind != 'conv':
         return None
     if site.groups > 1:
         return (f"it is a grouped conv (groups={site.groups}): PEFT's conv LoRA runs a dense k×k down conv over all "
@@ -253,7 +256,8 @@ def _split_keys(config: Any, tensors: Dict[str, torch.Tensor], source: str):
     return layers, others, shared
 
 
-def _layer_modules(model: nn.Module, layers: Dict[str, Any], source: str) -> Dict[str, nn.Module]:
+def _layer_modules(model: nn.Module, layers: Dict[str, Any], source: str, lora: bool = True
+                   ) -> Dict[str, nn.Module]:
     """The model's modules for the file's layers; ValueError for a missing one or one PEFT treats differently."""
     modules = dict(model.named_modules())
     for layer in layers:
@@ -262,7 +266,7 @@ def _layer_modules(model: nn.Module, layers: Dict[str, Any], source: str) -> Dic
             some = ', '.join(repr(n) for n, m in modules.items() if is_plain_layer(m))[:300]
             raise ValueError(f'{source} holds weights for layer {layer!r}, which this model does not have (its layers '
                              f'include {some})')
-        problem = peft_layer_problem(model, owner, modules[owner]) or (
+        problem = peft_layer_problem(model, owner, modules[owner], lora) or (
             f'PEFT wraps it in {owner!r}' if owner != layer else None)
         if problem:
             raise ValueError(f'{source}: layer {owner!r} cannot be loaded exactly: {problem}')
@@ -344,7 +348,7 @@ def _read_ia3(model, config, layers, source: str, reparametrize: bool) -> Tuple[
     """PEFT (IA)³ → visadapt (IA)³ (output side), SSL (feed-forward modules: input side) and, on biased layers with
     ``reparametrize``, BitFit for the bias scaling PEFT applies and visadapt's (IA)³ does not."""
     from peft.tuners.ia3 import IA3Model
-    modules = _layer_modules(model, layers, source)
+    modules = _layer_modules(model, layers, source, lora=False)
     out_scales, in_scales, bias_deltas = {}, {}, {}
     for layer, t in layers.items():
         _expect(t, ['ia3_l'], layer, source)
