@@ -1,9 +1,14 @@
-"""visadapt.integrations.timm_models (wrapping, presets, offline weights), visadapt.core.budget and the classification tool."""
+"""visadapt.integrations.timm_models (wrapping, presets, weights, merged checkpoints), visadapt.core.budget and the
+classification trainer (visadapt-train-classifier on timm's machinery)."""
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -12,6 +17,7 @@ import torch.nn as nn
 import visadapt
 import visadapt.integrations.timm_models as vt
 from visadapt.apps import train_classifier as classify
+from visadapt.core import read_adapter
 from visadapt.core.budget import BudgetCounter, budget_field, count_adapter_params, match_budget
 from visadapt.core.tuner import get_injection
 
@@ -112,6 +118,64 @@ def test_bad_checkpoint_files_are_clear_errors(tmp_path):
         vt.read_state_dict(tmp_path / 'junk.pth')
     with pytest.raises(FileNotFoundError, match='is not a file'):
         vt.create_model('convnext_atto', pretrained=str(tmp_path / 'nope.pth'))
+
+
+def test_pretrained_true_is_timms_own_loader_and_packaged_is_explicit(monkeypatch):
+    """pretrained=True means what it means in timm (timm's loader with timm's pretrained_cfg), also for names that
+    have packaged weights; 'packaged' alone gives the offline file."""
+    asked = []
+
+    def timm_loader(model, pretrained_cfg=None, **kwargs):
+        asked.append(pretrained_cfg)
+        raise RuntimeError('timm loader reached')
+    monkeypatch.setattr(timm.models._builder, 'load_pretrained', timm_loader)
+    with pytest.raises(RuntimeError, match='timm loader reached'):
+        vt.create_model('efficientnet_lite0', pretrained=True, num_classes=10)
+    packaged_file = vt.PACKAGED_WEIGHTS['efficientnet_lite0'].path()
+    assert len(asked) == 1 and asked[0].get('file') != packaged_file and asked[0].get('hf_hub_id')
+    model = vt.create_model('efficientnet_lite0', pretrained='packaged', num_classes=10)
+    assert model.pretrained_cfg['file'] == packaged_file and len(asked) == 1
+
+
+@pytest.mark.parametrize('arch, adapter, kwargs', [
+    ('convnext_atto', {'method': 'FLoRA', 'r': 2}, {'mlp': True}),
+    ('vit_tiny_patch16_224', {'method': 'LoRA', 'r': 4}, TINY_VIT),  # q and v slices of the fused qkv
+    ('efficientnet_lite0', {'method': 'DoRA', 'r': 2}, {}),          # BatchNorms; DoRA's magnitude
+])
+def test_merged_checkpoint_loads_into_plain_timm_with_the_adapted_outputs(tmp_path, arch, adapter, kwargs):
+    torch.manual_seed(0)
+    model = vt.create_model(arch, num_classes=6, adapter=adapter, **kwargs).eval()
+    with torch.no_grad():
+        for p in visadapt.adapter_state_dict(model).values():
+            p.add_(0.05 * torch.randn_like(p))  # a trained-looking, non-zero update
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        base = {k: v.clone() for k, v in model.state_dict().items()}
+    for suffix in ('safetensors', 'pth'):
+        path = tmp_path / f'merged.{suffix}'
+        vt.save_merged_checkpoint(model, path)
+        timm_kwargs = {k: v for k, v in kwargs.items() if k not in ('mlp', 'proj')}
+        plain = timm.create_model(arch, num_classes=6, checkpoint_path=str(path), **timm_kwargs).eval()
+        assert type(plain) is type(model) and not any('visadapt' in k for k in plain.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        visadapt.disable_adapter(model)
+        assert (model(x) - ref).abs().max() > 1e-3  # the adapters mattered
+    for k, v in model.state_dict().items():  # the adapted model itself is unchanged
+        torch.testing.assert_close(v, base[k], rtol=0, atol=0)
+
+
+def test_merged_checkpoint_refuses_what_it_would_drop(tmp_path):
+    model = vt.create_model('convnext_atto', num_classes=4, adapter='LoRA')
+    visadapt.disable_adapter(model)
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] are disabled"):
+        vt.save_merged_checkpoint(model, tmp_path / 'a.safetensors')
+    model = vt.create_model('efficientnet_lite0', num_classes=4, adapter={'method': 'BitFit', 'bias_free': 'add'})
+    with pytest.raises(ValueError, match='cannot be merged'):
+        vt.save_merged_checkpoint(model, tmp_path / 'b.safetensors')
+    assert not list(tmp_path.iterdir())
 
 
 # ---- wrapping and presets --------------------------------------------------------------------------------------------
@@ -338,69 +402,160 @@ def test_vit_q_v_end_to_end(method, tmp_path):
         torch.testing.assert_close(qkv.weight[k_rows], merged[k_rows], rtol=0, atol=0)
 
 
-# ---- the classification tool -----------------------------------------------------------------------------------------
+# ---- the classification trainer ----------------------------------------------------------------------------------
 def _cli(tmp_path, *extra):
-    return ['--data', 'digits', '--image-size', '32', '--model', 'convnext_atto', '--pretrained', 'none',
-            '--method', 'FLoRA', '--rank', '4', '--method-args', '{"scale": 1.0}', '--train-size', '320',
-            '--epochs', '2', '--batch-size', '32', '--lr', '3e-3', '--no-progress', '--threads', '1',
-            '--output-dir', str(tmp_path / 'run'), *extra]
+    return ['--dataset', 'digits', '--img-size', '32', '--model', 'convnext_atto', '--adapter',
+            '{"method": "FLoRA", "scale": 1.0}', '--rank', '4', '--train-size', '320', '--epochs', '2', '-b', '32',
+            '--opt', 'adamw', '--lr', '3e-3', '--no-aug', '--smoothing', '0', '--seed', '0', '--threads', '1', '-j', '1',
+            '--output', str(tmp_path), '--experiment', 'run', *extra]
+
+
+def _evaluate(model, args, dataset):
+    from timm.data import resolve_data_config
+    config = resolve_data_config(vars(args), model=model)
+    loader = classify.create_eval_loader(dataset, args, config, torch.device('cpu'))
+    return classify.evaluate(model, loader, torch.device('cpu'))['top1'] / 100
 
 
 def test_train_classifier_on_digits_rises_above_chance_and_resumes(tmp_path, monkeypatch, capsys):
     assert classify.main(_cli(tmp_path)) == 0
     out = capsys.readouterr().out
-    assert 'accuracy    before' in out and 'trainable' in out
-    metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+    assert 'accuracy    before' in out and 'trainable' in out and 'plain timm  timm.create_model(' in out
+    run = tmp_path / 'run'
+    metrics = json.loads((run / 'metrics.json').read_text())
     assert metrics['accuracy_before'] < 0.3 and metrics['accuracy_after'] > 0.5, metrics['accuracy_after']
     assert metrics['steps'] == 20 and len(metrics['eval']) == 3
-    assert (tmp_path / 'run' / 'curves.png').read_bytes()[:4] == b'\x89PNG'
+    assert (run / 'curves.png').read_bytes()[:4] == b'\x89PNG'
+    assert {'last.pth.tar', 'model_best.pth.tar', 'summary.csv', 'args.yaml'} <= {p.name for p in run.iterdir()}
     # the saved adapter + the base model (same seed: same random init) reproduce the trained model's accuracy
+    args = classify.parse_args(_cli(tmp_path))
+    _, test_set, _, _ = classify.create_datasets(args)
     torch.manual_seed(0)
     base = vt.create_model('convnext_atto', num_classes=10)
-    visadapt.load_adapter(base, tmp_path / 'run' / 'adapter')
-    data = classify.load_digits(32)
-    cfg = base.pretrained_cfg
-    acc, _ = classify.evaluate(base, classify.Normalize(cfg['mean'], cfg['std']), data.test, 128,
-                               torch.device('cpu'), None)
-    assert acc == pytest.approx(metrics['accuracy_after'], abs=1e-9)
+    visadapt.load_adapter(base, run / 'adapter')
+    assert _evaluate(base, args, test_set) == pytest.approx(metrics['accuracy_after'], abs=1e-9)
+    # and so does plain timm with the merged checkpoint (no visadapt in the model; folding may flip one image)
+    plain = timm.create_model('convnext_atto', num_classes=10, checkpoint_path=str(run / classify.MERGED_NAME))
+    assert _evaluate(plain, args, test_set) == pytest.approx(metrics['accuracy_after'], abs=1.01 / len(test_set))
 
-    # interrupted after step 13 (checkpoint at step 10), resumed: identical final metrics
+    # interrupted in epoch 2 (update 14), resumed from the epoch-1 checkpoint: identical final metrics
     calls = {'n': 0}
-    real_fetch = classify._fetch
+    real_step = classify.train_step
 
-    def crash(split, idx):
-        if isinstance(split, tuple) and len(idx) == 32 and len(split[1]) == 320:
-            calls['n'] += 1
-            if calls['n'] == 14:
-                raise KeyboardInterrupt
-        return real_fetch(split, idx)
-    monkeypatch.setattr(classify, '_fetch', crash)
-    args2 = _cli(tmp_path / 'b', '--ckpt-every', '5')
-    with pytest.raises(KeyboardInterrupt):
-        classify.main(args2)
-    monkeypatch.setattr(classify, '_fetch', real_fetch)
-    assert classify.main(args2 + ['--resume']) == 0
+    def interrupted(*a, **k):
+        calls['n'] += 1
+        if calls['n'] == 14:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(classify, 'train_step', interrupted)
+    argv = _cli(tmp_path / 'b')
+    assert classify.main(argv) == 130
+    monkeypatch.setattr(classify, 'train_step', real_step)
+    assert classify.main(argv + ['--resume', str(tmp_path / 'b' / 'run' / 'last.pth.tar')]) == 0
+    assert 'resumed from' in capsys.readouterr().out
     resumed = json.loads((tmp_path / 'b' / 'run' / 'metrics.json').read_text())
     assert resumed['accuracy_after'] == metrics['accuracy_after']
     assert [e['accuracy'] for e in resumed['eval']] == [e['accuracy'] for e in metrics['eval']]
 
 
-def test_train_classifier_errors(tmp_path, monkeypatch, capsys):
-    assert classify.main(_cli(tmp_path, '--method', 'nope')) == 2
+def test_train_classifier_workers_mixup_ema_amp_channels_last_then_resume(tmp_path, capsys):
+    """timm's pieces together on CPU: 2 loader workers, mixup + cutmix (prefetcher collate, then batch Mixup),
+    ModelEmaV3 over the adapted model, bf16 autocast, channels-last; then --resume continues to a second epoch."""
+    argv = _cli(tmp_path, '--train-size', '128', '--eval-size', '64', '--epochs', '1', '-j', '2', '--mixup', '0.4',
+                '--cutmix', '1.0', '--smoothing', '0.1', '--model-ema', '--model-ema-decay', '0.5', '--amp',
+                '--channels-last', '--sched-on-updates', '--warmup-epochs', '0.5')
+    args = classify.parse_args(argv)
+    tr = classify.train(args)
+    metrics = classify.finish(tr, 0.0)
+    assert metrics['amp'] == 'torch.bfloat16' and metrics['steps'] == 4 and metrics['ema_accuracy_after'] is not None
+    adapter = visadapt.adapter_state_dict(tr.model)
+    ema = visadapt.adapter_state_dict(tr.ema.module)
+    assert sorted(adapter) == sorted(ema) and all(v.dtype == torch.float32 for v in adapter.values())
+    assert any(not torch.equal(adapter[k], ema[k]) for k in adapter)  # the EMA lags the model
+    run = tmp_path / 'run'
+    saved = read_adapter(run / 'adapter_ema')[1]  # the EMA's adapter is what adapter_ema/ holds
+    assert sorted(saved) == sorted(ema) and all(torch.equal(saved[k], ema[k]) for k in ema)
+    # a second epoch from the checkpoint, through the batch Mixup path (no prefetcher) this time
+    resume = ['--resume', str(run / 'last.pth.tar'), '--epochs', '2', '--no-prefetcher']
+    assert classify.main(argv + resume) == 0
+    resumed = json.loads((run / 'metrics.json').read_text())
+    assert resumed['steps'] == 8 and [e['epoch'] for e in resumed['eval']] == [0, 1, 2]
+    assert 'resumed from' in capsys.readouterr().out
+    # a checkpoint made with other settings is refused before anything is loaded
+    assert classify.main(argv + ['--resume', str(run / 'last.pth.tar'), '--img-size', '48']) == 2
+    assert "--img-size 32 (now 48)" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_gloo_end_with_identical_models(tmp_path):
+    """torchrun, 2 processes, gloo: DDP keeps the adapters identical, distribute_bn the statistics of a BatchNorm
+    that trains (bn2 as a train module); frozen BatchNorms keep their (identical) statistics."""
+    adapter = '{"method": "FLoRA", "scale": 1.0, "train_modules": ["bn2"]}'
+    argv = _cli(tmp_path, '--model', 'efficientnet_lite0', '--adapter', adapter, '--rank', '2', '--train-size', '128',
+                '--eval-size', '64', '--epochs', '1', '-j', '0')
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    script = os.path.join(os.path.dirname(__file__), '_timm_rank_dump.py')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port), script,
+           str(tmp_path), *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from safetensors.torch import load_file
+    ranks = [load_file(str(tmp_path / f'rank{r}.safetensors')) for r in (0, 1)]
+    assert sorted(ranks[0]) == sorted(ranks[1]) and any('.visadapt.' in k for k in ranks[0])
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), key
+    metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+    assert metrics['world_size'] == 2 and metrics['steps'] == 2  # 128 images / (32 x 2 processes)
+    assert 'bn2' in metrics['config']['train_modules']
+
+
+def test_train_classifier_errors_and_presets(tmp_path, monkeypatch, capsys):
+    assert classify.main(_cli(tmp_path, '--adapter', 'nope')) == 2
     assert "unknown adapter method 'nope'" in capsys.readouterr().err
+    assert classify.main(_cli(tmp_path, '--adapter', '{"method": "FLoRA",')) == 2
+    assert 'is not valid JSON' in capsys.readouterr().err
     monkeypatch.setattr(classify, 'FASHION_MNIST_DIRS', (str(tmp_path / 'none'),))
     monkeypatch.delenv('FASHION_MNIST_DIR', raising=False)
     with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
-        classify.load_fashion_mnist(32)
-    assert classify.main(_cli(tmp_path, '--resume')) == 2
-    assert 'no checkpoint' in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        classify.parse_args(['--rank', '0'])
+        classify.find_fashion_mnist()
+    assert classify.main(_cli(tmp_path, '--resume', str(tmp_path / 'nope.pth.tar'))) == 2
+    assert 'no such checkpoint' in capsys.readouterr().err
+    for bad in (['--rank', '0'], ['--pretrained', 'weights.pth'], ['--dist-bn', 'x']):
+        with pytest.raises(SystemExit):
+            classify.parse_args(bad)
+    assert classify.main(['--model', 'convnext_atto', '--pretrained', 'packaged', '--dataset', 'digits']) == 2
+    assert "'packaged' is available for" in capsys.readouterr().err
+    # a preset fills what the command line leaves out; --budget replaces the preset's rank
+    demo = classify.parse_args(['--preset', 'demo', '--epochs', '1', '--budget', '1000'])
+    assert (demo.epochs, demo.budget, demo.adapter_rank, demo.img_size, demo.pretrained) == (1, 1000, None, 64,
+                                                                                              'packaged')
 
 
-def test_fashion_mnist_loader_reads_the_debian_package():
-    data = classify.load_fashion_mnist(40, train_size=64, eval_size=32)
-    assert data.train[0].shape == (64, 1, 40, 40) and data.train[0].dtype == torch.uint8
-    assert data.test[1].shape == (32,) and len(data.classes) == 10
-    assert 0 <= int(data.train[1].min()) and int(data.train[1].max()) <= 9
-    assert float(data.train[0].float().mean()) > 10  # real images, not zeros
+def test_fashion_mnist_and_image_folders_feed_timms_loader(tmp_path):
+    args = classify.parse_args(['--dataset', 'fashion-mnist', '--train-size', '64', '--eval-size', '32', '-j', '0'])
+    train_set, test_set, classes, name = classify.create_datasets(args)
+    assert (len(train_set), len(test_set), len(classes), name) == (64, 32, 10, 'Fashion-MNIST')
+    image, label = train_set[0]
+    assert image.mode == 'RGB' and image.size == (28, 28) and 0 <= label <= 9
+    assert float(torch.from_numpy(np.asarray(image)).float().mean()) > 10  # real images, not zeros
+    from timm.data import resolve_data_config
+    config = resolve_data_config({'img_size': 40})
+    x, y = next(iter(classify.create_eval_loader(test_set, args, config, torch.device('cpu'))))
+    assert x.shape == (32, 3, 40, 40) and x.dtype == torch.float32 and y.shape == (32,)
+    # an ImageFolder through timm's create_dataset: train/ + validation/, or one folder split 80/20
+    from PIL import Image
+    for split, n in (('train', 6), ('validation', 3)):
+        for cls in ('cat', 'dog'):
+            os.makedirs(tmp_path / 'split' / split / cls)
+            for i in range(n):
+                Image.new('RGB', (12, 12), (i * 20, 0, 0)).save(tmp_path / 'split' / split / cls / f'{i}.png')
+    args = classify.parse_args(['--data-dir', str(tmp_path / 'split')])
+    train_set, test_set, classes, _ = classify.create_datasets(args)
+    assert (len(train_set), len(test_set), classes) == (12, 6, ['cat', 'dog'])
+    args = classify.parse_args(['--data-dir', str(tmp_path / 'split' / 'train')])
+    train_set, test_set, classes, _ = classify.create_datasets(args)
+    assert (len(train_set), len(test_set)) == (9, 3) and not set(train_set.indices) & set(test_set.indices)
+    with pytest.raises(ValueError, match='--data-dir, which is not set'):
+        classify.create_datasets(classify.parse_args([]))

@@ -7,8 +7,9 @@ whose adapter size is closest to ``--budget`` (:func:`visadapt.core.budget.match
 (IA)³, SSL, SSB, SVFT's plain pattern, ...) run at their own fixed size, which the table shows. The classifier head
 trains fully in every run (head-only trains nothing else).
 
-Each run is one :func:`visadapt.apps.train_classifier.run` in a forked child process (imports and the data set are loaded once,
-the memory high-water mark is per run); finished runs (``RUN_DIR/metrics.json``) are reused, so an interrupted
+Each run is one :func:`visadapt.apps.train_classifier.run` (timm's training machinery with the trainer's ``short``
+recipe: AdamW, cosine per update, flip + mild crop) in a forked child process (imports and the data set are loaded
+once, the memory high-water mark is per run); finished runs (``RUN_DIR/metrics.json``) are reused, so an interrupted
 comparison continues where it stopped. Outputs in ``--output-dir``: ``results.md`` (the table), ``results.json``
 and ``results.png`` (accuracy vs trainable parameters).
 
@@ -89,20 +90,36 @@ def plan(args: argparse.Namespace, model: torch.nn.Module) -> Tuple[int, List[Di
     return budget, rows
 
 
+def _weights_flags(pretrained: str) -> List[str]:
+    """This tool's ``--pretrained`` value as the trainer's (timm's) flags."""
+    if pretrained.lower() in ('none', 'false', ''):
+        return []
+    if pretrained.lower() == 'true':
+        return ['--pretrained']
+    return ['--pretrained', 'packaged'] if pretrained == 'packaged' else ['--pretrained-path', pretrained]
+
+
 def run_args(args: argparse.Namespace, row: Dict[str, Any], seed: int, out: str) -> argparse.Namespace:
+    """The trainer's arguments for one run: the ``short`` recipe, this comparison's data and sizes, one method."""
     lr = args.full_lr if row['method'] == 'FullFinetune' else args.lr
-    argv = ['--model', args.model, '--pretrained', args.pretrained, '--data', args.data,
-            '--image-size', str(args.image_size), '--batch-size', str(args.batch_size), '--lr', str(lr),
-            '--method', row['method'], '--seed', str(seed), '--data-seed', str(args.data_seed),
-            '--output-dir', out, '--no-progress', '--threads', str(args.threads)]
-    fields = dict(row['fields'])
-    if fields:
-        argv += ['--method-args', json.dumps(fields)]
-    for flag, value in (('--train-size', args.train_size), ('--eval-size', args.eval_size),
-                        ('--epochs', args.epochs), ('--steps', args.steps), ('--model-kwargs', args.model_kwargs)):
+    data = ['--dataset', args.data] if args.data in classify.OWN_DATASETS else ['--data-dir', args.data]
+    argv = ['--preset', 'short', '--model', args.model, *_weights_flags(args.pretrained), *data,
+            '--img-size', str(args.image_size), '--batch-size', str(args.batch_size), '--lr', str(lr),
+            '--epochs', str(args.epochs), '--adapter', json.dumps({'method': row['method'], **row['fields']}),
+            '--seed', str(seed), '--data-seed', str(args.data_seed), '--workers', '0', '--threads', str(args.threads),
+            '--output', os.path.dirname(out), '--experiment', os.path.basename(out)]
+    for flag, value in (('--train-size', args.train_size), ('--eval-size', args.eval_size)):
         if value:
             argv += [flag, str(value)]
+    if args.model_kwargs:
+        argv += ['--model-kwargs', *(f'{k}={v!r}' for k, v in json.loads(args.model_kwargs).items())]
     return classify.parse_args(argv)
+
+
+def plan_row() -> Dict[str, Any]:
+    """A row for building run arguments before the plan exists (data loading only)."""
+    label, method, fields = BASELINES[0]
+    return {'label': label, 'method': method, 'fields': dict(fields)}
 
 
 def _child(run_ns: argparse.Namespace) -> None:
@@ -203,7 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--eval-size', type=int, default=1000)
     p.add_argument('--data-seed', type=int, default=0)
     p.add_argument('--epochs', type=int, default=2)
-    p.add_argument('--steps', type=int)
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--lr', type=float, default=2e-3, help='learning rate of every method but full fine-tuning')
     p.add_argument('--full-lr', type=float, default=5e-4, help='learning rate of full fine-tuning')
@@ -225,8 +241,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = 'visadapt-compare ' + ' '.join(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     torch.set_num_threads(args.threads)
-    data = classify.load_data(args.data, args.image_size, args.train_size, args.eval_size, args.data_seed)
-    probe = vtimm.create_model(args.model, pretrained=False, num_classes=len(data.classes),
+    # read once here: the forked runs inherit the data (Fashion-MNIST's arrays are cached in this process)
+    _, _, classes, data_name = classify.create_datasets(run_args(args, plan_row(), args.seeds[0], args.output_dir))
+    probe = vtimm.create_model(args.model, pretrained=False, num_classes=len(classes),
                                **(json.loads(args.model_kwargs) if args.model_kwargs else {}))
     budget, rows = plan(args, probe)
     del probe
@@ -236,7 +253,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                                           f"{_fields_text(row['fields'])}: {row['adapter_params']:,} adapter params"))
     if args.plan_only:
         return 0
-    classify.DATA_CACHE[(args.data, args.image_size, args.train_size, args.eval_size, args.data_seed)] = data
 
     jobs = []
     for row in rows:
@@ -278,7 +294,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        json.dumps({'budget': budget, 'rows': rows, 'table': table, 'args': vars(args)},
                                   indent=2).encode())
     write_plot(os.path.join(args.output_dir, 'results.png'), table,
-               f'{args.model} ({args.pretrained}) on {data.name}, {args.train_size} train images, '
+               f'{args.model} ({args.pretrained}) on {data_name}, {args.train_size} train images, '
                f'{args.image_size}px, budget {budget:,}')
     with open(os.path.join(args.output_dir, 'results.md')) as f:
         print(f.read())

@@ -26,17 +26,24 @@ Presets pick the layers to adapt per model family when the config leaves its tar
 The classifier is never adapted (it is trained fully), and conv subclasses whose ``forward`` is not a plain conv
 (timm's ``Conv2dSame`` in ``tf_*`` models) are excluded.
 
-Weights never come from a hub when ``pretrained`` is a path or ``'packaged'``:
+``pretrained`` means what it means in timm, plus two offline sources that never touch a hub:
 
+* ``True``: timm's own pretrained weights, through timm's loader (its hub or cache), exactly as
+  ``timm.create_model(name, pretrained=True)``;
 * a path: a timm checkpoint or state-dict file (``.pth``/``.pt``/``.bin`` through ``torch.load(weights_only=True)``,
   or ``.safetensors``), loaded with every key and shape checked; a classifier whose size differs from
-  ``num_classes`` is re-initialized (the backbone keeps its weights).
-* ``'packaged'`` (or ``True`` for these names): weights that ship in pip packages, see :data:`PACKAGED_WEIGHTS`.
+  ``num_classes`` is re-initialized (the backbone keeps its weights);
+* ``'packaged'``: weights that ship in pip packages, see :data:`PACKAGED_WEIGHTS`.
+
+:func:`save_merged_checkpoint` writes an adapted model with its adapters folded in as a plain timm checkpoint:
+``timm.create_model(name, num_classes=..., checkpoint_path=...)`` loads it, with no visadapt at inference.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
+import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -49,14 +56,18 @@ from ..core import (
     SUPPORTED_LAYER_TYPES,
     AdapterConfig,
     AdapterSpec,
+    adapter_names,
+    atomic_write_bytes,
     check_state_dict,
     get_config_class,
     inject,
     is_adapter_key,
     is_plain_layer,
+    iter_adapted,
     matches,
     parse_adapter_spec,
     read_state_dict,
+    remove,
 )
 
 try:
@@ -67,7 +78,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     _has_timm = False
 
 __all__ = ['create_model', 'wrap', 'make_config', 'preset_fields', 'model_family', 'classifier_names',
-           'load_pretrained', 'PackagedWeights', 'PACKAGED_WEIGHTS', 'has_timm']
+           'load_pretrained', 'save_merged_checkpoint', 'PackagedWeights', 'PACKAGED_WEIGHTS', 'has_timm']
 
 _logger = logging.getLogger(__name__)
 
@@ -359,13 +370,13 @@ def create_model(model_name: str, pretrained: Union[bool, str, os.PathLike] = Fa
                  num_classes: Optional[int] = None, adapter: AdapterSpec = None, adapter_name: str = 'default',
                  preset: Optional[str] = 'auto', train_head: bool = True, mlp: bool = False, proj: bool = False,
                  **kwargs: Any) -> nn.Module:
-    """``timm.create_model`` with offline weights and an adapter in one call.
+    """``timm.create_model`` with offline weight sources and an adapter in one call.
 
     Args:
         model_name: a timm architecture, e.g. ``'convnext_atto'``, ``'efficientnet_lite0'``, ``'vit_base_patch16_224'``.
-        pretrained: False (random init); a path to a checkpoint/state-dict file (never touches a hub); ``'packaged'``
-            for weights shipped in a pip package (:data:`PACKAGED_WEIGHTS`); True uses the packaged weights when
-            the architecture has some and otherwise timm's own download.
+        pretrained: False (random init); True (timm's own pretrained weights through timm's loader, as in
+            ``timm.create_model``); a path to a checkpoint/state-dict file (never touches a hub); or ``'packaged'``
+            for weights shipped in a pip package (:data:`PACKAGED_WEIGHTS`).
         num_classes: classifier size (timm semantics; 0 removes it). A classifier whose size differs from the
             weights' is freshly initialized; the backbone keeps its pretrained weights.
         adapter: None (no adapter), a config, a dict with a ``'method'`` key, or a method name.
@@ -373,7 +384,19 @@ def create_model(model_name: str, pretrained: Union[bool, str, os.PathLike] = Fa
         **kwargs: passed on to ``timm.create_model`` (``drop_path_rate``, ``img_size``, ...).
     """
     has_timm(necessary=True)
-    if isinstance(pretrained, os.PathLike) or (isinstance(pretrained, str) and pretrained != 'packaged'):
+    if isinstance(pretrained, bool):
+        model = _timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **_no_none(kwargs))
+    elif pretrained == 'packaged':
+        if model_name not in PACKAGED_WEIGHTS:
+            raise ValueError(f"pretrained='packaged' is available for {sorted(PACKAGED_WEIGHTS)}, not {model_name!r}; "
+                             f'pass a checkpoint path, or True for timm\'s own weights')
+        packaged = PACKAGED_WEIGHTS[model_name]
+        path = packaged.path()
+        overlay = {**packaged.pretrained_cfg, **kwargs.pop('pretrained_cfg_overlay', {}), 'file': path}
+        model = _timm.create_model(model_name, pretrained=False, num_classes=num_classes,
+                                   pretrained_cfg_overlay=overlay, **{**packaged.model_kwargs, **_no_none(kwargs)})
+        load_pretrained(model, path, by_position=True, what=f'packaged weights {packaged.package!r} ({path})')
+    elif isinstance(pretrained, (str, os.PathLike)):
         path = os.fspath(pretrained)
         if not os.path.isfile(path):
             raise FileNotFoundError(f'pretrained={path!r} is not a file; pass a checkpoint path, \'packaged\' '
@@ -382,23 +405,49 @@ def create_model(model_name: str, pretrained: Union[bool, str, os.PathLike] = Fa
         model = _timm.create_model(model_name, pretrained=False, num_classes=num_classes,
                                    pretrained_cfg_overlay=overlay, **_no_none(kwargs))
         load_pretrained(model, path)
-    elif pretrained == 'packaged' or (pretrained is True and model_name in PACKAGED_WEIGHTS):
-        if model_name not in PACKAGED_WEIGHTS:
-            raise ValueError(f"pretrained='packaged' is available for {sorted(PACKAGED_WEIGHTS)}, not {model_name!r}; "
-                             f'pass a checkpoint path instead')
-        packaged = PACKAGED_WEIGHTS[model_name]
-        path = packaged.path()
-        overlay = {**packaged.pretrained_cfg, **kwargs.pop('pretrained_cfg_overlay', {}), 'file': path}
-        model = _timm.create_model(model_name, pretrained=False, num_classes=num_classes,
-                                   pretrained_cfg_overlay=overlay, **{**packaged.model_kwargs, **_no_none(kwargs)})
-        load_pretrained(model, path, by_position=True, what=f'packaged weights {packaged.package!r} ({path})')
-    elif isinstance(pretrained, bool):
-        model = _timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **_no_none(kwargs))
     else:
         raise TypeError(f"pretrained must be a bool, 'packaged' or a file path, got {type(pretrained).__name__}")
     if adapter is not None:
         wrap(model, adapter, name=adapter_name, preset=preset, train_head=train_head, mlp=mlp, proj=proj)
     return model
+
+
+def save_merged_checkpoint(model: nn.Module, path: PathLike) -> Dict[str, torch.Tensor]:
+    """Write ``model`` with every adapter folded into its weights as a plain timm checkpoint file.
+
+    The state dict is the core's "merge and unload" (:func:`visadapt.core.remove` with ``merge_weights=True``) of a
+    copy of the model, so its keys are exactly the timm model's and ``timm.create_model(name, num_classes=...,
+    checkpoint_path=path)`` loads it with no visadapt installed; its outputs are the adapted model's (up to float
+    rounding of the fold). ``model`` itself is not changed. ``.safetensors`` paths are written with safetensors,
+    anything else with ``torch.save``; either way atomically.
+
+    Args:
+        model: a timm model, adapted or not (unwrap DistributedDataParallel first).
+        path: the file to write.
+    Returns:
+        The state dict written (CPU tensors).
+    Raises:
+        ValueError: an adapter is disabled on some layer (the file would silently drop it: enable or remove it
+            first), or cannot be merged (the core names it and says why). Nothing is written then.
+    """
+    disabled = sorted({n for _, layer in iter_adapted(model) for n in layer.disabled_names()})
+    if disabled:
+        raise ValueError(f'adapter(s) {disabled} are disabled: a merged checkpoint would leave them out; call '
+                         f'visadapt.enable_adapter(model) or visadapt.remove(model, name) first')
+    plain = copy.deepcopy(model)
+    if adapter_names(plain):
+        remove(plain, merge_weights=True)  # validates every adapter first (unmergeable ones raise), then folds
+    state = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in plain.state_dict().items()}
+    path = os.fspath(path)
+    if path.endswith('.safetensors'):
+        from safetensors.torch import save
+        data = save(state, metadata={'format': 'pt'})
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return state
 
 
 def _no_none(kwargs: Dict[str, Any]) -> Dict[str, Any]:
