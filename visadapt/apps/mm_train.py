@@ -1,94 +1,94 @@
 #!/usr/bin/env python
-"""Train (or only evaluate) an mmdet / mmseg config with a visadapt adapter, without the mmdet/mmseg repositories.
+"""Run the installed mmdet's or mmseg's own ``tools/train.py`` (or ``tools/test.py``) on a config: no repository needed.
 
-The same as mmdet's / mmseg's ``tools/train.py``, plus: a config with an ``adapter`` key and no ``runner_type``
-gets ``VisadaptRunner`` (so the adapter is never silently ignored), and ``--test-only CKPT`` evaluates a checkpoint
-(an adapter checkpoint is completed with the config's pretrained base weights).
+Both wheels ship their tools (``<package>/.mim/tools/``); this command finds the one for the config's toolbox
+(``default_scope``, or ``--toolbox``) and runs it unchanged in this process, passing every other option through::
 
     visadapt-mm-train mm_configs/mmdet/mask-rcnn_efficientnet-lite0_fpn_stardist_flora.py --work-dir work_dirs/det
-    visadapt-mm-train CONFIG --resume                  # continue from work_dir's last checkpoint
-    visadapt-mm-train CONFIG --test-only work_dirs/det/iter_300.pth
-    torchrun --nproc_per_node 2 visadapt-mm-train CONFIG --launcher pytorch     # DDP (gloo on CPU, nccl on GPUs)
+    visadapt-mm-train CONFIG --resume                            # tools/train.py's own options
+    visadapt-mm-train CONFIG --test-only work_dirs/det/iter_300.pth  # tools/test.py CONFIG CHECKPOINT
+    torchrun --nproc_per_node 2 -m visadapt.apps.mm_train CONFIG --launcher pytorch
+
+The adapter is part of the config's model (``model=dict(type='AdaptedModel', ...)``, see
+:mod:`visadapt.integrations.openmmlab`), so the stock scripts need nothing else. The one check added here: a config
+in the retired form (a top-level ``adapter`` key or ``runner_type='VisadaptRunner'``), which the stock runner would
+train without its adapter, is refused with the form to use.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
-import os.path as osp
+import runpy
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
-__all__ = ['main', 'parse_args', 'build_cfg']
+__all__ = ['main', 'parse_args', 'stock_tool', 'check_config', 'TOOLBOXES']
+
+TOOLBOXES = ('mmdet', 'mmseg')
+_PROG = 'visadapt-mm-train'
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from mmengine.config import DictAction
-    parser = argparse.ArgumentParser(description='Train or evaluate an mmdet/mmseg config with a visadapt adapter')
-    parser.add_argument('config', help='config file path')
-    parser.add_argument('--work-dir', help='folder for logs and checkpoints (default ./work_dirs/<config name>)')
-    parser.add_argument('--resume', nargs='?', type=str, const='auto',
-                        help='resume from this checkpoint, or from the latest one in the work dir when no path '
-                             'is given')
-    parser.add_argument('--load-from', help='start from this checkpoint (full model, or an adapter checkpoint)')
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, List[str]]:
+    """This command's own options, and the rest (for the stock script)."""
+    parser = argparse.ArgumentParser(
+        prog=_PROG, description="Run the installed mmdet/mmseg tools/train.py (or tools/test.py) on a config.",
+        epilog="Every other option goes to the stock script unchanged, e.g. --work-dir, --resume, --amp, "
+               "--cfg-options, --launcher pytorch (train.py) or --out, --show-dir (test.py).")
+    parser.add_argument('config', help='config file (a model of type AdaptedModel carries the adapter)')
+    parser.add_argument('--toolbox', choices=TOOLBOXES,
+                        help="whose tools to run (default: the config's default_scope)")
     parser.add_argument('--test-only', metavar='CHECKPOINT',
-                        help='do not train: evaluate this checkpoint on the test set of the config')
-    parser.add_argument('--amp', action='store_true', help='automatic mixed precision')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config entries, e.g. train_cfg.max_iters=10 adapter.r=8')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
-                        help='job launcher (use pytorch with torchrun)')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+                        help='run tools/test.py CONFIG CHECKPOINT instead of training')
+    return parser.parse_known_args(argv)
 
 
-def build_cfg(args: argparse.Namespace):
+def stock_tool(toolbox: str, name: str) -> str:
+    """Path of ``tools/<name>.py`` inside the installed ``toolbox`` package."""
+    if toolbox not in TOOLBOXES:
+        raise ValueError(f'the toolbox must be one of {list(TOOLBOXES)} (the config\'s default_scope, or --toolbox), '
+                         f'got {toolbox!r}')
+    spec = importlib.util.find_spec(toolbox)
+    if spec is None or spec.origin is None:
+        raise ImportError(f'{toolbox} is not installed: pip install "visadapt[mm]" (then bash tools/build_mmcv.sh)')
+    path = os.path.join(os.path.dirname(spec.origin), '.mim', 'tools', f'{name}.py')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} not found: this {toolbox} installation does not ship its tools')
+    return path
+
+
+def check_config(path: str) -> Optional[str]:
+    """Refuse the retired config form; returns the config's ``default_scope``."""
     from mmengine.config import Config
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
-    if args.amp:
-        if cfg.optim_wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
-            print('AMP is already enabled in the config', file=sys.stderr)
-        else:
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.loss_scale = 'dynamic'
-    if args.test_only is not None:
-        cfg.load_from = args.test_only
-        cfg.resume = False
-    elif args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
-    elif args.resume is not None:
-        cfg.resume = True
-        cfg.load_from = args.resume
-    elif args.load_from is not None:
-        cfg.load_from = args.load_from
-    if cfg.get('adapter') is not None and cfg.get('runner_type') is None:
-        import visadapt.integrations.openmmlab  # noqa: F401  (registers VisadaptRunner)
-        cfg.runner_type = 'VisadaptRunner'
-    return cfg
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'config {path!r} not found')
+    cfg = Config.fromfile(path)
+    if 'adapter' in cfg or cfg.get('runner_type') == 'VisadaptRunner':
+        raise ValueError(f"{path}: a top-level adapter= (and runner_type='VisadaptRunner') is no longer read, so "
+                         f"the stock runner would train without the adapter; put it in the model: model = dict("
+                         f"type='AdaptedModel', model_type=<the model's type, e.g. 'MaskRCNN'>, adapter=dict(type="
+                         f"'FLoRA', ...)) and drop runner_type")
+    return cfg.get('default_scope')
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    args = parse_args(argv)
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-    cfg = build_cfg(args)
-    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
-    if args.test_only is not None:
-        metrics = runner.test()
-        runner.logger.info(f'test metrics: {metrics}')
-    else:
-        runner.train()
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``visadapt-mm-train`` command: exit status 2 with one ``error:`` line for a bad config or toolbox;
+    otherwise whatever the stock script does (its own errors and exit status)."""
+    args, rest = parse_args(argv)
+    try:
+        scope = check_config(args.config)
+        script = stock_tool(args.toolbox or scope, 'test' if args.test_only else 'train')
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f'{_PROG}: error: {err}', file=sys.stderr)
+        return 2
+    saved_argv = sys.argv
+    sys.argv = [script, args.config, *([args.test_only] if args.test_only else []), *rest]
+    try:
+        runpy.run_path(script, run_name='__main__')
+    finally:
+        sys.argv = saved_argv
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -1,83 +1,104 @@
-"""OpenMMLab integration (mmengine, mmdet, mmseg): ``adapter=dict(type='FLoRA', ...)`` in a config, a timm backbone.
+"""OpenMMLab integration (mmengine, mmdet, mmseg): the adapter is part of ``cfg.model``, so it travels with the model.
 
-Add three keys to any mmdet or mmseg config::
+Any mmdet 3.x / mmseg 1.x config becomes an adapter config with two changes::
 
     custom_imports = dict(imports=['visadapt.integrations.openmmlab'], allow_failed_imports=False)
-    runner_type = 'VisadaptRunner'
-    adapter = dict(type='FLoRA', r=16, r3=2, scale=4.0)     # any visadapt method: LoRA, DoRA, BitFit, SVFT, ...
+    model = dict(type='AdaptedModel', model_type='MaskRCNN',          # the model's own type moves to model_type
+                 adapter=dict(type='FLoRA', r=16, r3=2, scale=4.0))   # any visadapt method
 
-and train with mmdet's / mmseg's own ``tools/train.py`` (or visadapt's ``visadapt-mm-train``). What this module adds:
+``model`` merges with the base config's model dict as usual (backbone, neck and heads stay). Whatever builds
+``cfg.model`` builds the adapted model: mmdet's and mmseg's stock ``tools/train.py`` and ``tools/test.py``, ``torchrun``
+/ ``dist_train.sh``, mmengine's ``Runner`` and ``FlexibleRunner``, ``init_detector`` / ``inference_detector`` /
+``DetInferencer`` and ``init_model`` / ``inference_model`` / ``MMSegInferencer``. What this module registers:
 
-* :class:`TimmBackbone` (registered in mmdet's and mmseg's ``MODELS``): any timm model with
-  ``forward_intermediates`` (ConvNeXt(-V2), EfficientNet, MobileNet, ResNet, ...) as a multi-scale backbone.
-  ``pretrained`` is a local file or ``'packaged'`` (weights shipped in a pip package, see
-  :data:`visadapt.integrations.timm_models.PACKAGED_WEIGHTS`); a hub is never contacted. Parameter names are timm's own
-  (``backbone.model.stages.0.blocks.0.conv_dw.weight``), so timm checkpoints load by name.
-* :class:`VisadaptRunner` (registered in mmengine's ``RUNNERS``): builds the model, loads its pretrained weights
-  (``init_weights``: ``init_cfg`` / ``pretrained``) and a non-adapter ``load_from`` checkpoint, *then* injects the
-  adapter (methods such as SVFT derive their buffers from the pretrained W), all before the optimizer is built and
-  before ``MMDistributedDataParallel`` wraps the model (so DDP sees only the trainable parameters). Base parameter
-  names never change. It also makes CPU (gloo) DDP work with mmengine's ``pytorch`` launcher.
-* Hooks, added by the runner unless already listed in ``custom_hooks`` (list one there to change its arguments):
+* ``AdaptedModel`` (in mmengine's root ``MODELS``, which every OpenMMLab toolbox's registry falls back to):
+  :func:`build_adapted_model` builds ``model_type`` from the other keys, loads its pretrained weights
+  (``init_weights()``: backbone ``init_cfg`` / ``pretrained``, a model-level ``init_cfg``), injects the adapter and
+  returns the model itself: the toolbox's own class with its own parameter names, adapted before any runner wraps it
+  in DDP or builds an optimizer. The model carries state-dict hooks (the checkpoint format, below) and, when the
+  adapter sets ``mpc='o'``/``'d'``, adds the MPC regularizer to its losses as ``loss_mpc``.
+* :class:`TimmBackbone` (mmdet's and mmseg's ``MODELS``): a timm model with ``forward_intermediates`` as a
+  multi-scale backbone, weights from a local file or a pip package (never a hub).
+* :class:`AdapterStatsHook` (``HOOKS``; list it in ``custom_hooks``): trainable counts and mean ‖ΔW‖_F per stage.
 
-  - :class:`AdapterCheckpointHook`: checkpoints hold only the adapter tensors and the fully trained modules
-    (neck/heads), plus the adapter config under ``meta['visadapt']``; loading or resuming such a checkpoint fills in
-    the frozen base weights from the model (which already holds the pretrained ones) after checking every key;
-  - :class:`AdapterStatsHook`: logs the trainable parameter count (total and per stage) once, and the mean
-    Frobenius norm ‖ΔW‖_F per backbone stage every ``interval`` iterations (text log and visualizer scalars);
-  - :class:`MPCRegularizerHook`: when the adapter config sets ``mpc='o'``/``'d'``, adds
-    :func:`visadapt.regularization_loss` to the model's loss dict as ``loss_mpc`` (logged, and correct under DDP and
-    AMP, unlike a gradient hook).
+Checkpoints: ``state_dict()`` of an adapted model holds only what the adapter owns
+(:func:`visadapt.core.adapter_state_keys`: the adapter tensors and the fully trained neck/heads) and, in the state
+dict's own ``_metadata[''][STATE_META_KEY]``, :func:`checkpoint_metadata` (the adapter's config, layers and per-layer
+facts, and fingerprints of the adapted layers' base weights), so every runner saves adapter-only checkpoints
+(:func:`full_state_dict` keeps the base too). Loading a state dict into the model (``load_from``, ``resume``,
+``tools/test.py``, the inference APIs, ``load_state_dict``):
 
-Defaults when the ``adapter`` dict leaves them out: ``include=['backbone.*']`` (adapt the backbone only) and
-``train_modules`` = every top-level module with parameters except the backbone (FPN neck, RPN/RoI heads, decode and
-auxiliary heads), which are trained fully and saved with the adapter. ``FullFinetune`` trains everything and saves
-everything; ``HeadOnly`` freezes the backbone without adapting it.
+* an adapter checkpoint is checked (adapter names, config, layers, base weights, every key, shape and value:
+  :func:`visadapt.core.check_adapter_metadata`, :func:`visadapt.core.check_state_dict`) and completed with the
+  model's own frozen base tensors; a mismatch is a ValueError naming it;
+* a plain checkpoint (no adapter tensors, e.g. a COCO-trained detector as ``load_from``) loads into the base, and the
+  adapters of every layer whose weight it replaced are rebuilt from the loaded weight (SVFT's bases, DoRA's
+  magnitudes), in place: the optimizer and DDP keep their parameters.
+
+Two fixes for the stack as installed, applied on import: mmengine 0.10 reads checkpoints with ``torch.load``'s default,
+which is ``weights_only=True`` since torch 2.6 and refuses the message-hub objects every mmengine training checkpoint
+holds, so mmengine's local checkpoint loader is re-registered to allow exactly those classes (:data:`MMENGINE_GLOBALS`,
+still ``weights_only``); and under ``torchrun`` on a machine without CUDA the gloo process group is initialized
+before mmengine's ``pytorch`` launcher would call ``torch.cuda.set_device`` (:func:`init_cpu_process_group`; the
+smoke configs also set ``model_wrapper_cfg`` with ``device_ids=None``, which DDP needs for a CPU model).
 """
 from __future__ import annotations
 
-import codecs
+import contextlib
 import importlib
 import importlib.util
+import os
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 try:
-    from mmengine.dist import broadcast, is_distributed
+    from mmengine.dist import broadcast
     from mmengine.hooks import Hook
-    from mmengine.model import BaseModule, MMDistributedDataParallel, initialize, is_model_wrapper
-    from mmengine.registry import HOOKS, RUNNERS
-    from mmengine.runner import Runner
-    from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_to_model
+    from mmengine.logging import print_log
+    from mmengine.model import BaseModule, initialize, is_model_wrapper
+    from mmengine.registry import HOOKS, MODELS
+    from mmengine.runner.checkpoint import CheckpointLoader, load_from_local
 except ImportError as _err:  # pragma: no cover - exercised only without the extra
-    raise ImportError('visadapt.integrations.openmmlab needs mmengine (and mmdet and/or mmsegmentation): pip install "visadapt[mm]" '
-                      'then bash tools/build_mmcv.sh for mmcv with compiled ops') from _err
+    raise ImportError('visadapt.integrations.openmmlab needs mmengine (and mmdet and/or mmsegmentation): pip install '
+                      '"visadapt[mm]" then bash tools/build_mmcv.sh for mmcv with compiled ops') from _err
 
 from .._version import __version__
 from ..core import (
+    ADAPTER_ATTR,
     AdapterConfig,
     adapter_metadata,
     adapter_names,
     adapter_state_keys,
+    base_weight,
+    build_adapter,
     check_adapter_metadata,
     check_spec_fields,
     check_state_dict,
     count_parameters,
+    fingerprint,
+    fingerprint_mismatch,
+    get_injection,
     inject,
     is_adapter_key,
     iter_adapted,
+    method_names,
     parse_adapter_spec,
+    regularization_loss,
 )
 
-__all__ = ['TimmBackbone', 'VisadaptRunner', 'AdapterCheckpointHook', 'AdapterStatsHook', 'MPCRegularizerHook',
-           'resolve_adapter_config', 'adapter_checkpoint_keys', 'stage_of', 'delta_weight_norms',
-           'CHECKPOINT_META_KEY']
+__all__ = ['TimmBackbone', 'build_adapted_model', 'AdapterStatsHook', 'resolve_adapter_config', 'checkpoint_metadata',
+           'check_adapter_checkpoint', 'full_state_dict', 'rebuild_adapters', 'stage_of', 'delta_weight_norms',
+           'trainable_by_stage', 'init_cpu_process_group', 'ADAPTED_MODEL', 'STATE_META_KEY', 'MMENGINE_GLOBALS',
+           'REGISTERED_IN']
 
-#: key under ``checkpoint['meta']`` that marks an adapter checkpoint and holds its config
-CHECKPOINT_META_KEY = 'visadapt'
+#: the registered type name of :func:`build_adapted_model`
+ADAPTED_MODEL = 'AdaptedModel'
+#: key of :func:`checkpoint_metadata` in an adapted model's ``state_dict()._metadata['']``
+STATE_META_KEY = 'visadapt'
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -103,12 +124,16 @@ class TimmBackbone(BaseModule):
             checkpoints do not store the backbone's buffers, and small detection batches make BN statistics
             noisy). Has no effect on LayerNorm models such as ConvNeXt.
         grad_checkpointing: timm's activation checkpointing (saves memory on large models).
-        init_cfg: mmengine init config (rarely needed: ``pretrained`` loads the weights at construction).
+        init_cfg: mmengine init config, e.g. ``dict(type='Pretrained', checkpoint=<file with keys model.*>)``
+            (applied by ``init_weights``; ``pretrained`` loads at construction instead).
         **model_kwargs: passed to ``timm.create_model`` (``drop_path_rate``, ``in_chans``, ...).
 
     Attributes:
         out_channels: channels of each returned feature map, e.g. ``[192, 384, 768, 1536]`` for convnextv2_large.
         strides: their reductions w.r.t. the input, e.g. ``[4, 8, 16, 32]``.
+
+    Loading a checkpoint that holds adapter tensors into a TimmBackbone without an adapter is a ValueError (the
+    adapter would otherwise be dropped with only mmengine's "unexpected key" warning).
 
     Shapes:
         input (N, C, H, W) → tuple of (N, out_channels[i], H / strides[i], W / strides[i]) (rounded up).
@@ -147,6 +172,7 @@ class TimmBackbone(BaseModule):
         self.out_channels = [int(info[i]['num_chs']) for i in resolved]
         self.strides = [int(info[i]['reduction']) for i in resolved]
         self.norm_eval = norm_eval
+        self.register_load_state_dict_pre_hook(_refuse_unapplied_adapter)
 
     def init_weights(self) -> None:
         """Apply ``init_cfg`` only: the timm model was initialized (or loaded) at construction, and timm's own
@@ -165,6 +191,17 @@ class TimmBackbone(BaseModule):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
+
+
+
+def _refuse_unapplied_adapter(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook of :class:`TimmBackbone`: adapter tensors for a backbone without an adapter are an error."""
+    key = next((k for k in state_dict if k.startswith(prefix) and is_adapter_key(k[len(prefix):])), None)
+    if key is not None and not any(True for _ in iter_adapted(module)):
+        raise ValueError(f'the checkpoint holds visadapt adapter tensors (e.g. {key!r}) but this model has no adapter, '
+                         f'so they would be dropped: build the model it was trained with, model=dict('
+                         f"type='{ADAPTED_MODEL}', model_type=<the model type>, adapter=dict(type=<method>, ...)), "
+                         f"with custom_imports=dict(imports=['visadapt.integrations.openmmlab'])")
 
 
 def _register_backbone() -> List[str]:
@@ -205,16 +242,237 @@ def resolve_adapter_config(model: nn.Module, spec: Union[Mapping[str, Any], Adap
     return parse_adapter_spec(spec, defaults)
 
 
-def _check_adapter_spec(spec: Any) -> Optional[Dict[str, Any]]:
-    """Early check of the config's ``adapter`` entry (method name and field names), before the model is built."""
+def _check_adapter_spec(spec: Any) -> None:
+    """Early check of the ``adapter`` entry (method name and field names), before the model is built."""
     if spec is None:
-        return None
+        raise ValueError(f"model type '{ADAPTED_MODEL}' needs adapter=dict(type=<method>, ...), e.g. "
+                         f"adapter=dict(type='FLoRA', r=8); methods: {', '.join(method_names())}")
     if isinstance(spec, AdapterConfig):
-        return spec.to_dict()
+        return
     if not isinstance(spec, Mapping):
         raise TypeError(f"adapter must be a dict such as dict(type='FLoRA', r=8), got {type(spec).__name__}")
     check_spec_fields(spec)
-    return dict(spec)
+
+
+# ---- the model builder ---------------------------------------------------------------------------------------------
+@dataclass
+class _ModelState:
+    """Per-model state of the checkpoint hooks, kept in the model's ``__dict__`` (copied with the model)."""
+    raw: int = 0  # > 0: state_dict() is the plain torch one (the hooks' own reads of the model)
+    full: int = 0  # > 0: state_dict() keeps the frozen base tensors (full_state_dict)
+    rebuild: List[str] = field(default_factory=list)  # layers whose base weight a plain checkpoint replaced
+
+
+_STATE_ATTR = '_visadapt_mm'
+
+
+def build_adapted_model(model_type: Optional[str] = None, adapter: Union[None, Mapping[str, Any], AdapterConfig] = None,
+                        adapter_name: str = 'default', **model_kwargs: Any) -> nn.Module:
+    """Registered as ``AdaptedModel``: build ``model_type`` from ``model_kwargs``, load its pretrained weights,
+    inject ``adapter``, and return the model itself (its own class and parameter names).
+
+    Args:
+        model_type: the model's registered type, e.g. ``'MaskRCNN'``, ``'EncoderDecoder'`` (``'mmdet.MaskRCNN'``
+            names the scope explicitly).
+        adapter: ``dict(type=<method>, **fields)`` or an :class:`AdapterConfig`; fields left out get the mm
+            defaults of :func:`resolve_adapter_config`.
+        adapter_name: the adapter's name in the model.
+        **model_kwargs: the model's own config (backbone, neck, heads, data_preprocessor, init_cfg, ...).
+
+    Order: build → ``init_weights()`` (pretrained weights, so methods that derive tensors from W such as SVFT see
+    them; a runner's later ``init_weights`` call is then a no-op) → ``visadapt.inject`` → checkpoint hooks (and the
+    MPC loss). Raises ValueError naming the problem: no ``adapter``, no ``model_type``, an unknown method or field,
+    patterns that select no layer (from :func:`visadapt.core.inject`).
+    """
+    _check_adapter_spec(adapter)
+    if not isinstance(model_type, str) or not model_type or model_type.split('.')[-1] == ADAPTED_MODEL:
+        raise ValueError(f"model type '{ADAPTED_MODEL}' needs model_type=<the model's own registered type>, e.g. "
+                         f"model_type='MaskRCNN' or 'EncoderDecoder'; got {model_type!r}")
+    model = MODELS.build(dict(type=model_type, **model_kwargs))
+    if hasattr(model, 'init_weights') and not any(p.is_meta for p in model.parameters()):  # meta: no weights to load
+        model.init_weights()
+    report = inject(model, resolve_adapter_config(model, adapter), name=adapter_name)
+    model.__dict__[_STATE_ATTR] = _ModelState()
+    model.register_state_dict_post_hook(_slim_state_dict)
+    model.register_load_state_dict_pre_hook(_complete_checkpoint)
+    model.register_load_state_dict_post_hook(_rebuild_after_plain_load)
+    if any(getattr(get_injection(model, n).config, 'mpc', None) in ('o', 'd') for n in adapter_names(model)):
+        model.register_forward_hook(_add_mpc_loss, with_kwargs=True)
+    print_log(str(report), logger='current')
+    return model
+
+
+MODELS.register_module(name=ADAPTED_MODEL, module=build_adapted_model, force=True)
+
+
+def _add_mpc_loss(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Forward hook: in ``mode='loss'`` while training, add Σ λ·R(A, B) to the loss dict as ``loss_mpc``, so
+    mmengine's ``parse_losses`` sums and logs it and one backward (through DDP and AMP) takes its gradient."""
+    if module.training and kwargs.get('mode') == 'loss' and isinstance(output, dict):
+        output['loss_mpc'] = regularization_loss(module)
+    return output
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------------
+def _model_state(model: nn.Module) -> _ModelState:
+    state = _unwrap(model).__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise ValueError(f"this model was not built by '{ADAPTED_MODEL}' (model=dict(type='{ADAPTED_MODEL}', ...))")
+    return state
+
+
+@contextlib.contextmanager
+def _raised(model: nn.Module, attr: str) -> Iterator[nn.Module]:
+    state = _model_state(model)
+    setattr(state, attr, getattr(state, attr) + 1)
+    try:
+        yield model
+    finally:
+        setattr(state, attr, getattr(state, attr) - 1)
+
+
+def full_state_dict(model: nn.Module):
+    """Context manager: inside it, ``state_dict()`` of an ``AdaptedModel`` keeps the frozen base tensors too."""
+    return _raised(model, 'full')
+
+
+def _plain_state(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """The model's complete state dict and the keys the adapter owns, without this module's hooks."""
+    with _raised(model, 'raw'):
+        return model.state_dict(), adapter_state_keys(model)
+
+
+def _active_base(module: nn.Module) -> bool:
+    """Is the layer's weight its base weight (no adapter merged into it)?"""
+    return not any(module.is_merged(n) for n in getattr(module, ADAPTER_ATTR))
+
+
+def checkpoint_metadata(model: nn.Module) -> Dict[str, Any]:
+    """What an adapted model's state dict carries besides tensors: the visadapt version, parameter counts, the
+    schema's metadata of each adapter (:func:`visadapt.core.adapter_metadata`) and ``base_weights``, a fingerprint
+    (:func:`visadapt.core.fingerprint`) of each adapted layer's base weight (the tensors the checkpoint leaves out)."""
+    model = _unwrap(model)
+    trainable, total = count_parameters(model)
+    return {'visadapt_version': __version__, 'trainable': trainable, 'total': total,
+            'adapters': {n: adapter_metadata(model, n) for n in adapter_names(model)},
+            'base_weights': {name: fingerprint(base_weight(m)) for name, m in iter_adapted(model) if _active_base(m)}}
+
+
+def _slim_state_dict(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: add :func:`checkpoint_metadata`, keep only the keys the adapter owns."""
+    state = _model_state(module)
+    if state.raw:
+        return
+    local_metadata[STATE_META_KEY] = checkpoint_metadata(module)
+    if state.full:
+        return
+    keep = {prefix + k for k in _plain_state(module)[1]}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
+        del state_dict[key]
+
+
+def _saved_metadata(state_dict: Mapping[str, Any], local_metadata: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The checkpoint's :func:`checkpoint_metadata`: this module's entry, or the one entry holding it (a checkpoint
+    saved from a wrapped model keeps it under the wrapper's prefix while its keys were renamed)."""
+    if STATE_META_KEY in local_metadata:
+        return local_metadata[STATE_META_KEY]
+    found = [m[STATE_META_KEY] for m in getattr(state_dict, '_metadata', {}).values() if STATE_META_KEY in m]
+    return found[0] if len(found) == 1 else None
+
+
+def check_adapter_checkpoint(model: nn.Module, meta: Optional[Mapping[str, Any]], tensors: Mapping[str, torch.Tensor],
+                             source: str = 'the adapter checkpoint') -> None:
+    """Raise ValueError unless ``tensors`` (keys without prefix) with ``meta`` (:func:`checkpoint_metadata`) fit
+    ``model``: the same adapters with the same configs and layers, the same base weights, every owned key present
+    with the model's shape and finite values, no unknown key."""
+    if meta is None:
+        key = next((k for k in tensors if is_adapter_key(k)), '?')
+        raise ValueError(f"{source} holds visadapt adapter tensors (e.g. {key!r}) but no visadapt metadata (the state "
+                         f"dict's _metadata[''][{STATE_META_KEY!r}], written by the model's state_dict()); without "
+                         f'it the adapter config cannot be checked')
+    saved, present = sorted(meta.get('adapters', {})), sorted(adapter_names(model))
+    if saved != present:
+        raise ValueError(f"{source} holds adapter(s) {saved} but the model has {present}; set the config's "
+                         f'model.adapter (and adapter_name) to those the checkpoint was trained with')
+    for name, entry in meta['adapters'].items():
+        check_adapter_metadata(model, name, entry, source)
+    _check_base_weights(model, meta.get('base_weights', {}), source)
+    model_state, owned = _plain_state(model)
+    owned_set = set(owned)
+    check_state_dict(model_state, tensors, source, optional=[k for k in model_state if k not in owned_set])
+
+
+def _check_base_weights(model: nn.Module, saved: Mapping[str, Any], source: str) -> None:
+    for layer_name, module in iter_adapted(model):
+        if layer_name in saved and _active_base(module):
+            problem = fingerprint_mismatch(saved[layer_name], fingerprint(base_weight(module)))
+            if problem:
+                raise ValueError(
+                    f'{source} was trained on other base weights than this model holds (layer {layer_name!r} differs '
+                    f'in {problem}). An adapter checkpoint holds no base weights: they come from the config '
+                    f"(backbone pretrained / init_cfg, the model's init_cfg). mmdet's init_detector drops "
+                    f'backbone.init_cfg unless cfg_options is given (init_detector(config, checkpoint, '
+                    f"cfg_options={{}})); a run started from load_from=<full checkpoint> needs model.init_cfg=dict("
+                    f"type='Pretrained', checkpoint=<it>) instead")
+
+
+def _base_weight_key(layer_name: str, module: nn.Module) -> str:
+    weight = base_weight(module)
+    return next(f'{layer_name}.{n}' for n, p in module.named_parameters(recurse=False) if p is weight)
+
+
+def _complete_checkpoint(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: dict,
+                         *args: Any) -> None:
+    """Load pre-hook: check an adapter checkpoint and add the model's frozen base tensors it leaves out; for a plain
+    checkpoint, keep the adapter tensors and note the layers whose base weight it replaces (rebuilt after loading)."""
+    incoming = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    meta = _saved_metadata(state_dict, local_metadata)
+    model_state, _ = _plain_state(module)
+    if meta is not None or any(is_adapter_key(k) for k in incoming):
+        check_adapter_checkpoint(module, meta, incoming)
+        fill = [k for k in model_state if k not in incoming]
+    else:
+        replaced = [(n, m) for n, m in iter_adapted(module) if _base_weight_key(n, m) in incoming]
+        merged = [n for n, m in replaced if not _active_base(m)]
+        if merged:
+            raise ValueError(f'the checkpoint replaces the weight of layer {merged[0]!r}, into which an adapter is '
+                             f'merged; call visadapt.unmerge(model) before loading base weights')
+        _model_state(module).rebuild = [n for n, _ in replaced]
+        fill = [k for k in model_state if is_adapter_key(k)]
+    for key in fill:
+        state_dict[prefix + key] = model_state[key]
+
+
+def _rebuild_after_plain_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """Load post-hook: rebuild the adapters of the layers a plain checkpoint gave new base weights."""
+    state = _model_state(module)
+    layers, state.rebuild = state.rebuild, []
+    if layers:
+        rebuild_adapters(module, layers)
+
+
+@torch.no_grad()
+def rebuild_adapters(model: nn.Module, layers: Sequence[str]) -> None:
+    """Rebuild every adapter of ``layers`` from the layer's current base weight (what ``inject`` would build now:
+    SVFT's singular vectors, DoRA's magnitudes, ...), keeping its parameter objects (the optimizer and DDP hold
+    them) with the new values; in distributed runs rank 0's values are broadcast, so every rank holds the same."""
+    model = _unwrap(model)
+    wanted = set(layers)
+    for layer_name, module in iter_adapted(model):
+        if layer_name not in wanted:
+            continue
+        adapters = getattr(module, ADAPTER_ATTR)
+        for name in list(adapters.keys()):
+            old = adapters[name]
+            fresh = build_adapter(get_injection(model, name).config, layer_name, module).train(old.training)
+            for param_name, param in old.named_parameters():
+                owner, _, leaf = param_name.rpartition('.')
+                holder = fresh.get_submodule(owner)
+                param.copy_(getattr(holder, leaf))
+                setattr(holder, leaf, param)
+            adapters[name] = fresh
+            for tensor in [*fresh.parameters(), *fresh.buffers()]:
+                broadcast(tensor)
 
 
 # ---- adapter statistics ----------------------------------------------------------------------------------------------
@@ -266,99 +524,6 @@ def trainable_by_stage(model: nn.Module) -> Dict[str, int]:
     return out
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------------------------
-def adapter_checkpoint_keys(model: nn.Module) -> List[str]:
-    """Keys of ``model.state_dict()`` an adapter checkpoint keeps (:func:`visadapt.core.adapter_state_keys`)."""
-    return adapter_state_keys(_unwrap(model))
-
-
-def _checkpoint_meta(model: nn.Module) -> Dict[str, Any]:
-    model = _unwrap(model)
-    trainable, total = count_parameters(model)
-    return {'visadapt_version': __version__, 'trainable': trainable, 'total': total,
-            'adapters': {n: adapter_metadata(model, n) for n in adapter_names(model)}}
-
-
-def _safe_globals() -> list:
-    """Classes an mmengine checkpoint pickles besides tensors (message hub buffers, numpy arrays).
-
-    torch >= 2.6 loads with ``weights_only=True`` by default and refuses them; mmengine 0.10 calls ``torch.load``
-    without arguments, so the runner allows exactly these, only while it loads a checkpoint.
-    """
-    import numpy as np
-    from mmengine.logging import HistoryBuffer
-    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
-    # HistoryBuffer pickles its statistics methods as getattr(buffer, 'mean'); numpy scalars need codecs.encode
-    safe: list = [HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, getattr,
-                  codecs.encode]
-    safe += [type(np.dtype(t)) for t in ('float64', 'float32', 'float16', 'int64', 'int32', 'uint8', 'bool')]
-    return safe
-
-
-# ---- hooks -----------------------------------------------------------------------------------------------------------
-@HOOKS.register_module()
-class AdapterCheckpointHook(Hook):
-    """Slim checkpoints to the adapter + train modules, and complete them again when they are loaded.
-
-    ``before_save_checkpoint``: keeps only :func:`adapter_checkpoint_keys` in ``checkpoint['state_dict']`` and
-    stores the adapter configs, layers, train modules and per-layer metadata in ``checkpoint['meta']['visadapt']``
-    (optimizer and scheduler states are kept: they already cover only the trainable parameters).
-
-    ``after_load_checkpoint`` (``load_from``, ``resume``, ``tools/test.py``): for a checkpoint with that meta entry,
-    checks that the model holds the same adapters (method, config, layers) and that every adapter/train key is
-    present with the model's shape, then adds the model's own (pretrained, frozen) base tensors for the keys the
-    checkpoint left out, so mmengine loads a complete state dict. Raises ValueError on any mismatch.
-
-    Args:
-        full_state: keep the whole state dict in saved checkpoints (the meta entry is still added).
-    """
-    priority = 'NORMAL'
-
-    def __init__(self, full_state: bool = False):
-        if not isinstance(full_state, bool):
-            raise TypeError(f'full_state must be a bool, got {full_state!r}')
-        self.full_state = full_state
-
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        model = _unwrap(runner.model)
-        if not adapter_names(model):
-            return
-        checkpoint.setdefault('meta', {})[CHECKPOINT_META_KEY] = _checkpoint_meta(model)
-        if self.full_state:
-            return
-        keep = set(adapter_checkpoint_keys(model))
-        state = checkpoint['state_dict']
-        checkpoint['state_dict'] = OrderedDict((k, v) for k, v in state.items() if k in keep)
-
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        meta = (checkpoint.get('meta') or {}).get(CHECKPOINT_META_KEY)
-        if meta is None:
-            return
-        model = _unwrap(runner.model)
-        complete_adapter_checkpoint(model, checkpoint, meta)
-
-
-def complete_adapter_checkpoint(model: nn.Module, checkpoint: dict, meta: Mapping[str, Any]) -> None:
-    """Check an adapter checkpoint against ``model`` and add the model's base tensors it leaves out (in place)."""
-    saved = meta.get('adapters', {})
-    present = adapter_names(model)
-    if sorted(saved) != sorted(present):
-        raise ValueError(f'the checkpoint holds adapter(s) {sorted(saved)} but the model has {sorted(present)}; set '
-                         f'the config\'s adapter=dict(...) to the one the checkpoint was trained with')
-    for n, entry in saved.items():
-        check_adapter_metadata(model, n, entry, 'the adapter checkpoint')
-    state = checkpoint.get('state_dict', checkpoint)
-    for key in [k for k in state if k.startswith('module.')]:
-        state[key[len('module.'):]] = state.pop(key)
-    model_state = model.state_dict()
-    needed = adapter_checkpoint_keys(model)
-    check_state_dict(model_state, state, 'the adapter checkpoint',
-                     optional=[k for k in model_state if k not in set(needed)])
-    for key, value in model_state.items():
-        if key not in state:
-            state[key] = value
-
-
 @HOOKS.register_module()
 class AdapterStatsHook(Hook):
     """Log adapter statistics: trainable counts once, mean ‖ΔW‖_F per stage every ``interval`` iterations.
@@ -404,145 +569,46 @@ class AdapterStatsHook(Hook):
             self._log_norms(runner, runner.iter)
 
 
-@HOOKS.register_module()
-class MPCRegularizerHook(Hook):
-    """Add the MPC regularizer (:func:`visadapt.regularization_loss`) to the model's losses as ``loss_mpc``.
+# ---- the installed stack: checkpoints under torch >= 2.6, CPU DDP under torchrun ---------------------------------------
+def _mmengine_globals() -> list:
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
+    # HistoryBuffer pickles its statistics methods as getattr(buffer, 'mean') and its history as numpy arrays, whose
+    # dtypes unpickle through their classes (numpy.dtypes.Float64DType, ...)
+    dtypes = [type(np.dtype(t)) for t in ('float64', 'float32', 'float16', 'int64', 'int32', 'uint8', 'bool')]
+    return [HistoryBuffer, getattr, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, *dtypes]
 
-    A forward hook on the (unwrapped) model appends the term to the loss dict returned in ``mode='loss'`` while
-    training, so mmengine's ``parse_losses`` sums it into the loss and logs it, and one backward through DDP and
-    AMP gives the gradient of task loss + Σ λ·R(A, B). Does nothing when no adapter sets ``mpc='o'``/``'d'``.
+
+#: the classes an mmengine training checkpoint pickles besides tensors (its message hub's HistoryBuffers and numpy)
+MMENGINE_GLOBALS = _mmengine_globals()
+
+
+def _load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
+    """mmengine's local checkpoint loader, with torch's weights-only unpickler allowing :data:`MMENGINE_GLOBALS`."""
+    with torch.serialization.safe_globals(MMENGINE_GLOBALS):
+        return load_from_local(filename, map_location)
+
+
+CheckpointLoader.register_scheme(prefixes='', loader=_load_local_checkpoint, force=True)
+
+
+def init_cpu_process_group() -> bool:
+    """Initialize the gloo process group for a ``torchrun`` worker on a machine without CUDA; returns whether it did.
+
+    mmengine's ``pytorch`` launcher calls ``torch.cuda.set_device`` before ``init_process_group``, which fails without
+    a GPU; with the group initialized here (on import, through ``custom_imports``), mmengine's runners and strategies
+    skip their own set-up. Does nothing with CUDA, outside ``torchrun`` (no ``RANK``/``MASTER_ADDR``/``MASTER_PORT``
+    or ``WORLD_SIZE`` < 2) or when a group exists.
     """
-    priority = 'NORMAL'
-
-    def __init__(self):
-        self._handle = None
-
-    def before_train(self, runner) -> None:
-        from ..core import regularization_loss
-        model = _unwrap(runner.model)
-        wants = any(getattr(a.config, 'mpc', None) in ('o', 'd')
-                    for _, m in iter_adapted(model) for a in m.visadapt.values())
-        if not wants or self._handle is not None:
-            return
-
-        def add_loss(module, args, kwargs, output):
-            if module.training and kwargs.get('mode') == 'loss' and isinstance(output, dict):
-                output['loss_mpc'] = regularization_loss(module)
-            return output
-
-        self._handle = model.register_forward_hook(add_loss, with_kwargs=True)
-        runner.logger.info('visadapt: MPC regularizer added to the losses as loss_mpc')
-
-    def after_train(self, runner) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+    env = os.environ
+    if (torch.cuda.is_available() or not torch.distributed.is_available() or torch.distributed.is_initialized()
+            or int(env.get('WORLD_SIZE', '1')) < 2 or not {'RANK', 'MASTER_ADDR', 'MASTER_PORT'} <= set(env)):
+        return False
+    torch.distributed.init_process_group(backend='gloo')
+    print_log(f'visadapt: no CUDA device; initialized the gloo process group for mmengine (rank {env["RANK"]} of '
+              f'{env["WORLD_SIZE"]})', logger='current')
+    return True
 
 
-_RUNNER_HOOKS = (AdapterCheckpointHook, AdapterStatsHook, MPCRegularizerHook)
-
-
-# ---- the runner ------------------------------------------------------------------------------------------------------
-@RUNNERS.register_module()
-class VisadaptRunner(Runner):
-    """mmengine ``Runner`` that injects the config's ``adapter`` between weight loading and optimizer/DDP set-up.
-
-    Order inside ``__init__`` → ``build_model``: build → ``init_weights()`` (pretrained backbone) → ``load_from``
-    when it is a plain (non-adapter) checkpoint and not a resume → ``visadapt.inject`` → (then mmengine) wrap with
-    DDP → register hooks (+ the visadapt hooks). ``train()`` then builds the optimizer over the trainable
-    parameters only, skips the second ``init_weights`` (it would be a no-op anyway) and loads/resumes adapter
-    checkpoints through :class:`AdapterCheckpointHook`. Without an ``adapter`` key it behaves like ``Runner``.
-
-    Args:
-        adapter: ``dict(type=<method>, **fields)`` (also read from ``cfg['adapter']``), see
-            :func:`resolve_adapter_config`.
-        adapter_name: the adapter's name in the model (default ``'default'``; also ``cfg['adapter_name']``).
-        *args, **kwargs: ``mmengine.runner.Runner`` arguments.
-    """
-
-    def __init__(self, *args: Any, adapter: Optional[Mapping[str, Any]] = None, adapter_name: Optional[str] = None,
-                 **kwargs: Any):
-        cfg = kwargs.get('cfg') or {}
-        if adapter is None:
-            adapter = cfg.get('adapter')
-        self._va_spec = _check_adapter_spec(adapter)
-        self._va_name = adapter_name or cfg.get('adapter_name') or 'default'
-        self._va_initialized = False
-        self._va_report = None
-        super().__init__(*args, **kwargs)
-
-    # -- environment: CPU DDP with the pytorch launcher --
-    def setup_env(self, env_cfg: Dict) -> None:
-        if self.distributed and not is_distributed() and not torch.cuda.is_available() \
-                and self.launcher == 'pytorch':
-            # mmengine's pytorch launcher calls torch.cuda.set_device, which fails on a machine without GPUs
-            dist_cfg = dict((env_cfg or {}).get('dist_cfg') or {})
-            backend = dist_cfg.pop('backend', 'gloo')
-            if backend != 'gloo':
-                raise ValueError(f"distributed training without a GPU needs env_cfg.dist_cfg.backend='gloo', "
-                                 f'got {backend!r}')
-            timeout = dist_cfg.pop('timeout', None)
-            kwargs = {'timeout': __import__('datetime').timedelta(seconds=timeout)} if timeout else {}
-            torch.distributed.init_process_group(backend='gloo', **kwargs)
-        super().setup_env(env_cfg)
-
-    # -- model: pretrained weights, then the adapter --
-    def build_model(self, model: Union[nn.Module, Dict]) -> nn.Module:
-        model = super().build_model(model)
-        if self._va_spec is None:
-            return model
-        if hasattr(model, 'init_weights'):
-            model.init_weights()  # pretrained weights (init_cfg) before the adapter sees W
-            self._va_initialized = True
-        if self._load_from is not None and not self._resume:
-            checkpoint = self._read_checkpoint(self._load_from)
-            if CHECKPOINT_META_KEY not in (checkpoint.get('meta') or {}):
-                _load_checkpoint_to_model(model, checkpoint, strict=False)
-                self.logger.info(f'visadapt: loaded base weights from {self._load_from} before injecting the adapter')
-                self._load_from = None  # consumed; an adapter checkpoint is loaded after injection instead
-        config = resolve_adapter_config(model, self._va_spec)
-        self._va_report = inject(model, config, name=self._va_name)
-        self.logger.info(str(self._va_report))
-        return model
-
-    def wrap_model(self, model_wrapper_cfg: Optional[Dict], model: nn.Module) -> nn.Module:
-        if self.distributed and not torch.cuda.is_available() and not is_model_wrapper(model):
-            # CPU DDP: mmengine passes device_ids=[LOCAL_RANK], which DDP refuses for CPU modules
-            wrapper_cfg = dict(model_wrapper_cfg or {})
-            wrapper_type = wrapper_cfg.pop('type', 'MMDistributedDataParallel')
-            if wrapper_type != 'MMDistributedDataParallel':
-                return super().wrap_model(model_wrapper_cfg, model)
-            wrapper_cfg.setdefault('broadcast_buffers', False)
-            wrapper_cfg.setdefault('find_unused_parameters', self.cfg.get('find_unused_parameters', False))
-            return MMDistributedDataParallel(module=model, **wrapper_cfg)
-        return super().wrap_model(model_wrapper_cfg, model)
-
-    def _init_model_weights(self) -> None:
-        if not self._va_initialized:
-            return super()._init_model_weights()
-        for value in _unwrap(self.model).state_dict().values():  # what mmengine does after init_weights
-            broadcast(value)
-
-    def register_hooks(self, default_hooks=None, custom_hooks=None) -> None:
-        super().register_hooks(default_hooks, custom_hooks)
-        if self._va_spec is None:
-            return
-        for hook_cls in _RUNNER_HOOKS:
-            if not any(isinstance(h, hook_cls) for h in self._hooks):
-                self.register_hook(hook_cls())
-
-    # -- checkpoints: torch>=2.6 weights_only loading of mmengine checkpoints --
-    def _read_checkpoint(self, filename: str, map_location: Any = 'cpu') -> dict:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return _load_checkpoint(filename, map_location=map_location)
-
-    def load_checkpoint(self, filename: str, map_location: Any = 'cpu', strict: bool = False,
-                        revise_keys: list = [(r'^module.', '')]):  # noqa: B006 - mmengine's signature
-        with torch.serialization.safe_globals(_safe_globals()):
-            return super().load_checkpoint(filename, map_location=map_location, strict=strict,
-                                           revise_keys=revise_keys)
-
-    @property
-    def adapter_report(self):
-        """The :class:`visadapt.InjectReport` of the injected adapter (None without an adapter)."""
-        return self._va_report
+init_cpu_process_group()
