@@ -106,6 +106,8 @@ def test_peft_lora_loads_exactly(tmp_path, case):
     ref = peft_output(make, path, x)
     model = make()
     keys = base_keys(model)
+    with torch.no_grad():
+        assert relative_error(model(x), ref) > 1e-3     # the update is visible in the output
     report = load_peft_adapter(model, path)
     assert report.adapters == {'default': method}
     assert report.train_modules == options.get('modules_to_save', [])
@@ -205,8 +207,11 @@ def test_visadapt_adapter_exports_to_peft_exactly(tmp_path, case):
         with torch.no_grad():
             model.get_submodule(config.train_modules[0]).weight.add_(0.1)
     x = _input(make)
+    with torch.no_grad(), visadapt.adapters_disabled(model):
+        base_out = model(x)
     with torch.no_grad():
         out = model(x)
+    assert relative_error(base_out, out) > 1e-3          # the update is visible in the output
     path = str(tmp_path / 'peft')
     written = save_peft_adapter(model, path)
     assert written['use_dora'] == (config.method == 'DoRA')

@@ -549,7 +549,7 @@ def peft_lora_state(model: nn.Module, name: str = 'default') -> Tuple[Dict[str, 
     pattern = {key(layer): rank for layer, rank in ranks.items() if rank != r}
     config = LoraConfig(r=r, lora_alpha=r, target_modules=targets, rank_pattern=pattern, alpha_pattern=dict(pattern),
                         use_dora=dora.pop(), modules_to_save=train_modules or None, inference_mode=True)
-    data = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    data = json.loads(json.dumps(config.to_dict(), default=sorted))   # plain JSON: sets sorted, str enums as str
     data['auto_mapping'] = {'base_model_class': type(model).__name__, 'parent_library': type(model).__module__}
     return data, tensors
 
