@@ -14,17 +14,13 @@ attention). Our own format saves each (component, adapter) pair with :func:`visa
 Exports, each exact (tests rebuild ΔW the way the loading tool does), all reading each adapter's declared factored
 form (``Adapter.factor_form``, :mod:`visadapt.core.factors`), never a table of methods:
 
+* :func:`save_diffusers_lora`: ``pytorch_lora_weights.safetensors``, the file ``pipeline.load_lora_weights(dir)``
+  reads: PEFT-style ``unet.<path>.lora_A.weight`` / ``lora_B.weight`` (and DoRA's ``lora_magnitude_vector``) for
+  every adapter with a factored form, with each component's LoRA config (ranks, alpha = rank) in the file's
+  metadata; a conv Tucker form is written as its chain (its mode-1 unfolding has rank r_out, so ΔW = B A with
+  A = G ×₂ A2 ×₃ A3 ×₄ A4 a (r_out, in, kh, kw) conv and B = s·A1 a 1×1 conv);
 * :func:`save_merged_unet`: ``save_pretrained`` of the UNet with W + ΔW (no visadapt needed to load it);
-* :func:`kohya_state_dict` / :func:`save_kohya`: kohya/LyCORIS keys ``lora_unet_<module path with _>``,
-  ``lora_te1_...``, ``lora_te2_...``. A Tucker form (conv FLoRA) is a Tucker LoCon: ``lora_down`` (R, in, 1, 1),
-  ``lora_mid`` (R, R, kh, kw), ``lora_up`` (out, R, 1, 1), ``alpha`` = R, with R = max(r_out, r_in) (the smaller
-  side zero-padded: LyCORIS' mid is square); a LoRA form (LoRA, MoSLoRA, MELoRA, VeRA, SeRA, SVFT, linear and 1×1
-  FLoRA) is ``lora_down``/``lora_up``, with the scale in ``lora_up`` (so alpha/rank = 1 exactly). Any other
-  mergeable adapter is written as LyCORIS' full ``diff`` (ΔW itself).
-* :func:`diffusers_lora_state_dict` / :func:`save_diffusers_lora`: the PEFT-style ``unet.<path>.lora_A.weight`` /
-  ``lora_B.weight`` keys ``pipeline.load_lora_weights`` reads, for every adapter with a factored form; a Tucker
-  form is written as its chain (its mode-1 unfolding has rank r_out, so ΔW = B A with A = G ×₂ A2 ×₃ A3 ×₄ A4 a
-  (r_out, in, kh, kw) conv and B = s·A1 a 1×1 conv).
+* kohya / LyCORIS files (A1111, ComfyUI; sd-scripts' SDXL names): :mod:`visadapt.integrations.kohya_format`.
 
 Needs the ``diffusers`` extra (``pip install 'visadapt[diffusers]'``) only for the pipeline helpers; the exports
 are plain tensors.
@@ -34,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -56,10 +52,10 @@ from ..core import (
 )
 
 __all__ = ['UNET_CONV_PATTERNS', 'UNET_ATTENTION_PATTERNS', 'TEXT_ENCODER_ATTENTION_PATTERNS', 'PIPELINE_COMPONENTS',
-           'has_diffusers', 'target_config', 'layer_factors',
-           'save_pipeline_adapters', 'load_pipeline_adapters', 'load_into_pipeline', 'unload_from_pipeline',
-           'merged_state_dict', 'save_merged_unet', 'kohya_state_dict', 'save_kohya', 'diffusers_lora_state_dict',
-           'save_diffusers_lora', 'KOHYA_PREFIXES', 'DIFFUSERS_LORA_NAME']
+           'DIFFUSERS_LORA_NAME', 'has_diffusers', 'target_config', 'pipeline_components', 'layer_factors',
+           'adapted_layers', 'export_module_path', 'save_pipeline_adapters', 'load_pipeline_adapters', 'load_into_pipeline',
+           'unload_from_pipeline', 'merged_state_dict', 'save_merged_unet', 'diffusers_lora_state_dict',
+           'diffusers_lora_metadata', 'save_diffusers_lora']
 
 UNET_CONV_PATTERNS: Tuple[str, ...] = ('conv_in', 'conv_out', 'resnets.*.conv1', 'resnets.*.conv2',
                                        'resnets.*.conv_shortcut', 'downsamplers.*.conv', 'upsamplers.*.conv')
@@ -67,8 +63,6 @@ UNET_ATTENTION_PATTERNS: Tuple[str, ...] = ('to_q', 'to_k', 'to_v', 'to_out.0')
 TEXT_ENCODER_ATTENTION_PATTERNS: Tuple[str, ...] = ('q_proj', 'k_proj', 'v_proj', 'out_proj')
 #: pipeline attributes that can hold adapters
 PIPELINE_COMPONENTS: Tuple[str, ...] = ('unet', 'text_encoder', 'text_encoder_2')
-#: kohya key prefixes per pipeline component (SDXL: two text encoders)
-KOHYA_PREFIXES: Dict[str, str] = {'unet': 'lora_unet', 'text_encoder': 'lora_te1', 'text_encoder_2': 'lora_te2'}
 #: the file name ``load_lora_weights(directory)`` looks for
 DIFFUSERS_LORA_NAME = 'pytorch_lora_weights.safetensors'
 _PRESETS = {'conv': (UNET_CONV_PATTERNS, 'Conv2d'), 'attention': (UNET_ATTENTION_PATTERNS, 'Linear'),
@@ -117,7 +111,8 @@ def target_config(model: nn.Module, preset: str, method: str = 'FLoRA', **fields
 
 
 # ---- our format for a whole pipeline ------------------------------------------------------------------------------
-def _components(pipe_or_components: Any) -> Dict[str, nn.Module]:
+def pipeline_components(pipe_or_components: Any) -> Dict[str, nn.Module]:
+    """``{component: model}`` of a pipeline (its UNet and text encoders that are set) or of a dict of them."""
     if isinstance(pipe_or_components, Mapping):
         items = dict(pipe_or_components)
     else:
@@ -137,7 +132,7 @@ def save_pipeline_adapters(pipe_or_components: Any, path: Union[str, os.PathLike
     """
     path = os.fspath(path)
     written = []
-    for component, model in _components(pipe_or_components).items():
+    for component, model in pipeline_components(pipe_or_components).items():
         for name in adapter_names(model):
             save_adapter(model, os.path.join(path, component, name), name=name)
             written.append((component, name))
@@ -167,7 +162,7 @@ def load_pipeline_adapters(pipe_or_components: Any, path: Union[str, os.PathLike
     Adapter tensors are created in float32 on each component's device (the frozen weights keep their dtype).
     """
     path = os.fspath(path)
-    components = _components(pipe_or_components)
+    components = pipeline_components(pipe_or_components)
     pairs = _saved_adapters(path)
     missing = sorted({c for c, _ in pairs} - set(components))
     if missing:
@@ -191,7 +186,7 @@ def load_into_pipeline(pipe: Any, path: Union[str, os.PathLike], merge: bool = F
     from ..core import merge as merge_adapters
     pairs = load_pipeline_adapters(pipe, path)
     if merge:
-        components = _components(pipe)
+        components = pipeline_components(pipe)
         for component, name in pairs:
             merge_adapters(components[component], name)
     return pairs
@@ -200,7 +195,7 @@ def load_into_pipeline(pipe: Any, path: Union[str, os.PathLike], merge: bool = F
 def unload_from_pipeline(pipe: Any, merge_weights: bool = False) -> List[Tuple[str, str]]:
     """Remove every visadapt adapter from the pipeline: base weights back (or ΔW baked in, ``merge_weights=True``)."""
     removed = []
-    for component, model in _components(pipe).items():
+    for component, model in pipeline_components(pipe).items():
         for name in adapter_names(model):
             remove(model, name, merge_weights=merge_weights)
             removed.append((component, name))
@@ -251,30 +246,27 @@ def save_merged_unet(unet: nn.Module, path: Union[str, os.PathLike], **save_kwar
 
 # ---- the exact factored form of a layer's adapters -----------------------------------------------------------------
 def layer_factors(module: nn.Module, names: Sequence[str]) -> Factors:
-    """The exact form of adapters ``names`` on one layer (stacked when several); ValueError when there is none."""
+    """The exact form of adapters ``names`` on one layer (stacked when several), detached in float32.
+
+    Raises ValueError when there is none (a method without ``factor_form``, a grouped conv, DoRA stacked with
+    another adapter).
+    """
     if module.site.groups != 1:
         raise ValueError(f'grouped convs (groups={module.site.groups}) have no LoRA/LoCon form')
-    return stack_factors([module.visadapt[n].factor_form() for n in names]).detached()
+    forms = [module.visadapt[n].factor_form() for n in names]
+    # one adapter is its own form (stack_factors refuses any magnitude, also a DoRA alone)
+    return (forms[0] if len(forms) == 1 else stack_factors(forms)).detached()
 
 
-def _square_tucker(form: Factors) -> Factors:
-    """LyCORIS' Tucker mid is square (R, R, *k): zero-pad the smaller side of the core and its factor."""
-    rank = form.rank
-    mid = form.mid.new_zeros(rank, rank, *form.mid.shape[2:])
-    mid[:form.mid.shape[0], :form.mid.shape[1]] = form.mid
-    down = form.down.new_zeros(rank, *form.down.shape[1:])
-    down[:form.down.shape[0]] = form.down
-    up = form.up.new_zeros(form.up.shape[0], rank, *form.up.shape[2:])
-    up[:, :form.up.shape[1]] = form.up
-    return Factors(down, up, mid)
-
-
-def _adapted_layers(components: Dict[str, nn.Module], names: Optional[Iterable[str]]):
+def adapted_layers(components: Dict[str, nn.Module], names: Optional[Iterable[str]] = None
+                   ) -> Iterator[Tuple[str, str, nn.Module, List[str]]]:
+    """(component, layer name, layer, adapter names on it) for every layer holding adapters ``names`` (default:
+    all); ValueError when there is none."""
     wanted = None if names is None else set(names)
     found = False
     for component, model in components.items():
         for layer_name, module in iter_adapted(model):
-            adapters = [(n, a) for n, a in module.visadapt.items() if wanted is None or n in wanted]
+            adapters = [n for n in module.visadapt if wanted is None or n in wanted]
             if adapters:
                 found = True
                 yield component, layer_name, module, adapters
@@ -284,86 +276,100 @@ def _adapted_layers(components: Dict[str, nn.Module], names: Optional[Iterable[s
                          f'{ {c: adapter_names(m) for c, m in components.items()} }')
 
 
-# ---- kohya / LyCORIS ----------------------------------------------------------------------------------------------
-def kohya_state_dict(pipe_or_components: Any, names: Optional[Iterable[str]] = None,
-                     dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-    """kohya/LyCORIS tensors for the adapters ``names`` (default all) of the pipeline's UNet and text encoders.
-
-    Keys: ``<prefix>_<module path, dots as _>.{lora_down,lora_mid,lora_up}.weight`` and ``.alpha`` (= rank, so the
-    loaders' alpha/rank scale is 1 and the scale sits in ``lora_up``), or ``.diff`` (full ΔW) for adapters without
-    an exact factored form. Several adapters on one layer are stacked into one exact LoCon.
-    """
-    state: Dict[str, torch.Tensor] = {}
-    for component, layer_name, module, adapters in _adapted_layers(_components(pipe_or_components), names):
-        key = f'{KOHYA_PREFIXES[component]}_{layer_name}'.replace('.', '_')
-        try:
-            form = layer_factors(module, [n for n, _ in adapters]).simplified()
-        except ValueError:
-            state[f'{key}.diff'] = _full_delta(component, layer_name, module, adapters).to(dtype).contiguous()
-            continue
-        if form.mid is not None:
-            form = _square_tucker(form)
-            state[f'{key}.lora_mid.weight'] = form.mid.to(dtype).contiguous()
-        state[f'{key}.lora_down.weight'] = form.down.to(dtype).contiguous()
-        state[f'{key}.lora_up.weight'] = form.up.to(dtype).contiguous()
-        state[f'{key}.alpha'] = torch.tensor(float(form.rank), dtype=dtype)
-    return state
-
-
-def _full_delta(component: str, layer_name: str, module: nn.Module, adapters) -> torch.Tensor:
-    """ΔW of every adapter on the layer together (LyCORIS' ``diff``), computed in float32."""
-    for _, adapter in adapters:
-        if not adapter.mergeable:
-            raise ValueError(f'adapter on {component}.{layer_name} ({adapter.config.method}) cannot be exported: '
-                             f'{adapter.why_not_mergeable()}')
-    return module.delta_weight([n for n, _ in adapters], torch.float32)
-
-
-def save_kohya(pipe_or_components: Any, path: Union[str, os.PathLike], names: Optional[Iterable[str]] = None,
-               dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-    """Write :func:`kohya_state_dict` to one ``.safetensors`` file (A1111/Forge/ComfyUI/LyCORIS load it)."""
-    from safetensors.torch import save
-    path = os.fspath(path)
-    if not path.endswith('.safetensors'):
-        raise ValueError(f'kohya files are .safetensors; got path {path!r}')
-    state = {k: v.cpu() for k, v in kohya_state_dict(pipe_or_components, names, dtype).items()}
-    tucker = any(k.endswith('lora_mid.weight') for k in state)
-    meta = {'ss_network_module': 'lycoris.kohya', 'ss_network_args': json.dumps({'algo': 'locon', 'use_tucker':
-            str(tucker).lower()}), 'visadapt_export': 'kohya'}
-    atomic_write_bytes(path, save(state, metadata=meta))
-    return state
+def export_module_path(model: nn.Module, layer_name: str) -> str:
+    """The module path LoRA files name: transformers 5's ``CLIPTextModel`` dropped the ``text_model.`` level that
+    kohya's and diffusers' files (and transformers 4) have, so it is put back; diffusers strips it again when it
+    loads into a model without it."""
+    if hasattr(model, 'text_model') or type(model).__name__ != 'CLIPTextModel':
+        return layer_name
+    return f'text_model.{layer_name}'
 
 
 # ---- diffusers (PEFT) LoRA -----------------------------------------------------------------------------------------
-def diffusers_lora_state_dict(pipe_or_components: Any, names: Optional[Iterable[str]] = None,
-                              dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-    """``<component>.<module path>.lora_A.weight`` / ``lora_B.weight`` for ``pipeline.load_lora_weights``.
+def _peft_magnitude(form: Factors, module: nn.Module) -> torch.Tensor:
+    """PEFT's DoRA magnitude for a layer: DoRA's own m, or ‖W + ΔW‖ per output channel for an additive update (then
+    PEFT's m ⊙ (W + ΔW) / ‖W + ΔW‖ is W + ΔW itself). Conv magnitudes are (1, out, 1, ...), as PEFT stores them."""
+    magnitude = form.magnitude
+    if magnitude is None:
+        weight = module.base_params()[0].detach().to(form.up)
+        magnitude = (weight + form.delta_weight().reshape(weight.shape)).flatten(1).norm(dim=1)
+    return magnitude if module.site.kind == 'linear' else magnitude.reshape(1, -1, *([1] * module.site.ndim))
 
-    Every adapter must have an exact factored form (``Adapter.factor_form``; a conv Tucker form is written as the
-    equivalent chain); no alphas are written, so diffusers uses lora_alpha = r (scale 1) and the scale sits in
-    ``lora_B``. ValueError names the first layer that has no such form.
-    """
-    state: Dict[str, torch.Tensor] = {}
-    for component, layer_name, module, adapters in _adapted_layers(_components(pipe_or_components), names):
+
+def _component_lora(layers, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """One component's ``<path>.lora_A.weight`` / ``lora_B.weight`` (and ``lora_magnitude_vector``) tensors."""
+    forms = {}
+    for component, layer_name, module, adapters, path in layers:
         try:
-            form = layer_factors(module, [n for n, _ in adapters]).as_chain()
-            if form.magnitude is not None:
-                raise ValueError('DoRA magnitudes are not written to this file')
+            forms[path] = (layer_factors(module, adapters).as_chain(), module)
         except ValueError as err:
             raise ValueError(f'{component}.{layer_name} cannot be written as a diffusers LoRA: {err}; use '
-                             f'save_kohya (LyCORIS keys) or save_merged_unet instead') from None
-        key = f'{component}.{layer_name}'
-        state[f'{key}.lora_A.weight'] = form.down.to(dtype).contiguous()
-        state[f'{key}.lora_B.weight'] = form.up.to(dtype).contiguous()
+                             f'kohya_format.save_kohya (LyCORIS keys) or save_merged_unet instead') from None
+    dora = any(form.magnitude is not None for form, _ in forms.values())  # PEFT's use_dora is per component
+    state = {}
+    for layer_name, (form, module) in forms.items():
+        state[f'{layer_name}.lora_A.weight'] = form.down.to(dtype).contiguous()
+        state[f'{layer_name}.lora_B.weight'] = form.up.to(dtype).contiguous()
+        if dora:
+            state[f'{layer_name}.lora_magnitude_vector'] = _peft_magnitude(form, module).to(dtype).contiguous()
     return state
+
+
+def diffusers_lora_state_dict(pipe_or_components: Any, names: Optional[Iterable[str]] = None,
+                              dtype: torch.dtype = torch.float32) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Per component, the PEFT-style tensors ``pipeline.load_lora_weights`` reads: ``<module path>.lora_A.weight``,
+    ``lora_B.weight`` and, for DoRA, ``lora_magnitude_vector``.
+
+    Every adapter must have an exact factored form (``Adapter.factor_form``); a conv Tucker form is written as its
+    chain (up = s·A⁽¹⁾ a 1×1 conv, down = the rest with the layer's kernel). Scales sit in ``lora_B``, so every
+    module has alpha = rank (:func:`diffusers_lora_metadata`). A component with a DoRA layer is written all in DoRA
+    form (PEFT's ``use_dora`` is per adapter config): an additive layer gets m = ‖W + ΔW‖, which reproduces
+    W + ΔW. ValueError names the first layer that has no such form.
+    """
+    components = pipeline_components(pipe_or_components)
+    by_component: Dict[str, list] = {}
+    for component, layer_name, module, adapters in adapted_layers(components, names):
+        path = export_module_path(components[component], layer_name)
+        by_component.setdefault(component, []).append((component, layer_name, module, adapters, path))
+    return {component: _component_lora(layers, dtype) for component, layers in by_component.items()}
+
+
+def diffusers_lora_metadata(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """The LoRA config (``peft.LoraConfig`` fields) of one component's :func:`diffusers_lora_state_dict`: every
+    module's rank, alpha = rank (scale 1), its target modules and ``use_dora``. diffusers' loaders read it from
+    the file's ``lora_adapter_metadata``, so no rank or scale is guessed."""
+    from collections import Counter
+
+    from peft import LoraConfig
+    # target paths without the ``text_model.`` level match CLIP encoders with and without it (PEFT matches suffixes)
+    ranks = {k[:-len('.lora_A.weight')].removeprefix('text_model.'): v.shape[0] for k, v in state.items()
+             if k.endswith('.lora_A.weight')}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {path: rank for path, rank in ranks.items() if rank != r}
+    fields = dict(r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), target_modules=sorted(ranks),
+                  use_dora=any(k.endswith('.lora_magnitude_vector') for k in state))
+    LoraConfig(**fields)  # PEFT's own validation of the fields
+    return fields
 
 
 def save_diffusers_lora(pipe_or_components: Any, directory: Union[str, os.PathLike],
                         names: Optional[Iterable[str]] = None, dtype: torch.dtype = torch.float32
-                        ) -> Dict[str, torch.Tensor]:
-    """Write ``directory/pytorch_lora_weights.safetensors``: ``pipe.load_lora_weights(directory)`` loads it."""
-    from safetensors.torch import save
-    state = {k: v.cpu() for k, v in diffusers_lora_state_dict(pipe_or_components, names, dtype).items()}
-    atomic_write_bytes(os.path.join(os.fspath(directory), DIFFUSERS_LORA_NAME),
-                       save(state, metadata={'format': 'pt', 'visadapt_export': 'diffusers'}))
+                        ) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Write ``directory/pytorch_lora_weights.safetensors`` (diffusers' own ``save_lora_weights``, with each
+    component's :func:`diffusers_lora_metadata`; written to a temporary folder, then renamed into place):
+    ``pipe.load_lora_weights(directory)`` loads it. Returns the tensors per component."""
+    import tempfile
+
+    from diffusers import StableDiffusionXLPipeline
+    directory = os.fspath(directory)
+    state = {c: {k: v.cpu() for k, v in s.items()} for c, s in diffusers_lora_state_dict(
+        pipe_or_components, names, dtype).items()}
+    kwargs = {}
+    for component, tensors in state.items():
+        kwargs[f'{component}_lora_layers'] = tensors
+        kwargs[f'{component}_lora_adapter_metadata'] = diffusers_lora_metadata(tensors)
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix='.lora-') as tmp:
+        StableDiffusionXLPipeline.save_lora_weights(tmp, weight_name=DIFFUSERS_LORA_NAME, **kwargs)
+        os.replace(os.path.join(tmp, DIFFUSERS_LORA_NAME), os.path.join(directory, DIFFUSERS_LORA_NAME))
     return state
