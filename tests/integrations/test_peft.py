@@ -143,37 +143,36 @@ def test_peft_ia3_feedforward_and_bias_free_layers_load_exactly(tmp_path):
         assert relative_error(model(x), peft_output(vit, path, x, qkv_bias=False)) < TOL
 
 
-@pytest.mark.parametrize('make', [vit, convnext], ids=['vit', 'convnext'])
-def test_peft_ia3_on_biased_layers_needs_reparametrize(tmp_path, make):
-    targets = ['proj', 'fc1', 'fc2'] if make is vit else ['stem.1', 'stages.1.downsample.1', 'conv_dw', 'fc1', 'fc2']
-    # convnext: a regex (PEFT full-matches it), making one depthwise conv feed-forward (input scaled), the others not
-    feedforward = ['fc2'] if make is vit else r'.*(mlp\.fc2|stages\.0\.blocks\.0\.conv_dw)'
-    path = peft_adapter_dir(tmp_path, make, IA3Config(target_modules=targets, feedforward_modules=feedforward))
+# (IA)³ on biased layers: ViT Linears; ConvNeXt convs with a regex feedforward_modules (PEFT full-matches it) that
+# makes one depthwise conv feed-forward (input scaled) and leaves the others output-scaled
+REPARAMETRIZED = {
+    'ia3-vit': (vit, lambda: IA3Config(target_modules=['proj', 'fc1', 'fc2'], feedforward_modules=['fc2']),
+                r'bias.*reparametrize=True', {'default': 'IA3', 'default_ff': 'SSL', 'default_bias': 'BitFit'}),
+    'ia3-convnext': (convnext, lambda: IA3Config(
+        target_modules=['stem.1', 'stages.1.downsample.1', 'conv_dw', 'fc1', 'fc2'],
+        feedforward_modules=r'.*(mlp\.fc2|stages\.0\.blocks\.0\.conv_dw)'),
+        r'bias.*reparametrize=True', {'default': 'IA3', 'default_ff': 'SSL', 'default_bias': 'BitFit'}),
+    'vera-vit': (vit, lambda: VeraConfig(r=8, target_modules=['qkv', 'fc1', 'fc2'], projection_prng_key=5),
+                 r'projection_prng_key=5.*reparametrize=True', {'default': 'LoRA'}),
+}
+
+
+@pytest.mark.parametrize('case', sorted(REPARAMETRIZED))
+def test_reparametrized_loads_need_the_flag_then_match_peft(tmp_path, case):
+    """Same outputs, other trainable tensors: refused (model unchanged) unless reparametrize=True."""
+    make, config, message, adapters = REPARAMETRIZED[case]
+    path = peft_adapter_dir(tmp_path, make, config())
     x = _input(make)
     model = make()
     before = state_snapshot(model)
-    with pytest.raises(ValueError, match=r'bias.*reparametrize=True'):
+    with pytest.raises(ValueError, match=message):
         load_peft_adapter(model, path)
     assert_unchanged(model, before)
     report = load_peft_adapter(model, path, reparametrize=True)
-    assert report.adapters == {'default': 'IA3', 'default_ff': 'SSL', 'default_bias': 'BitFit'}
+    assert report.adapters == adapters
+    assert any(n.startswith('reparametrized') for n in report.notes)
     with torch.no_grad():
         assert relative_error(model(x), peft_output(make, path, x)) < TOL
-
-
-def test_peft_vera_loads_as_the_lora_it_equals(tmp_path):
-    path = peft_adapter_dir(tmp_path, vit, VeraConfig(r=8, target_modules=['qkv', 'fc1', 'fc2'],
-                                                      projection_prng_key=5))
-    x = _input(vit)
-    model = vit()
-    before = state_snapshot(model)
-    with pytest.raises(ValueError, match=r'projection_prng_key=5.*reparametrize=True'):
-        load_peft_adapter(model, path)
-    assert_unchanged(model, before)
-    report = load_peft_adapter(model, path, reparametrize=True)
-    assert report.adapters == {'default': 'LoRA'}
-    with torch.no_grad():
-        assert relative_error(model(x), peft_output(vit, path, x)) < TOL
 
 
 # ---- visadapt -> PEFT ------------------------------------------------------------------------------------------------
