@@ -83,8 +83,8 @@ MAPPED_FIELDS = {'LORA': {'r', 'lora_alpha', 'rank_pattern', 'alpha_pattern', 'u
                           'init_lora_weights', 'eva_config'},
                  'IA3': {'feedforward_modules', 'init_ia3_weights'},
                  'VERA': {'r', 'projection_prng_key', 'save_projection', 'vera_dropout', 'd_initial', 'init_weights'}}
-#: init_lora_weights values that leave the base weights alone when PEFT loads the adapter (pissa, olora, corda,
-#: loftq, lora_ga, mica rewrite them)
+#: init_lora_weights values known to leave the base weights alone when PEFT loads the adapter (pissa, olora, corda and
+#: loftq rewrite them; lora_ga and mica are not mapped)
 BASE_PRESERVING_INITS = (True, False, 'gaussian', 'eva', 'orthogonal')
 WHY_NOT = {
     'LOHA': "LoHa's ΔW is a Hadamard product of two low-rank products, not a low-rank chain",
@@ -223,10 +223,10 @@ def _check_options(config: Any, source: str) -> None:
                              f'other option at its default, here {default!r})')
     init = getattr(config, 'init_lora_weights', True)
     if not any(init is v or (isinstance(v, str) and init == v) for v in BASE_PRESERVING_INITS):
-        raise ValueError(f'{source}: init_lora_weights={init!r} rewrites the base weights when PEFT loads the adapter, '
-                         f'so the adapter is not an update of the base model; convert it first (PEFT: '
-                         f'save_pretrained(..., path_initial_model_for_weight_conversion=...)). visadapt reads '
-                         f'{list(BASE_PRESERVING_INITS)}')
+        raise ValueError(f'{source}: init_lora_weights={init!r} is not mapped: PiSSA, OLoRA, CorDA and LoftQ rewrite '
+                         f'the base weights when PEFT loads the adapter, so it is no update of the base model (convert '
+                         f'it first: PEFT save_pretrained(..., path_initial_model_for_weight_conversion=...)); visadapt '
+                         f'reads {list(BASE_PRESERVING_INITS)}')
 
 
 def _split_keys(config: Any, tensors: Dict[str, torch.Tensor], source: str):
