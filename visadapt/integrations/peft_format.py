@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from ..core import (
+                    ADAPTER_ATTR,
                     AdapterConfig,
                     Factors,
                     adapter_state_keys,
@@ -485,7 +486,7 @@ def _export_form(model: nn.Module, layer: str, module: nn.Module, name: str) -> 
     if problem:
         raise ValueError(f'adapter {name!r} on layer {layer!r} cannot be written as a PEFT LoRA: {problem}')
     try:
-        form = module.visadapt[name].factor_form()
+        form = getattr(module, ADAPTER_ATTR)[name].factor_form()
     except ValueError as err:
         raise ValueError(f'adapter {name!r} on layer {layer!r} cannot be written as a PEFT LoRA: {err}') from None
     form = form.as_chain()
