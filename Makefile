@@ -22,9 +22,17 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m slow tests || [ $$? -eq 5 ]
 
-# the benchmark (docs/bench.md): every method vs the frozen base, PEFT LoRA and LyCORIS on five models; about 13
-# minutes on 2 CPU cores. BENCH_OUT=docs/assets/bench rewrites the committed results.
+# the benchmark (docs/bench.md): every method vs the frozen base, PEFT LoRA and LyCORIS on five models, with the
+# FLoRA / weight-grad-limit profile and the path-cost refit; under 15 minutes on 2 idle CPU cores.
+# BENCH_OUT=docs/assets/bench rewrites the committed results.
 BENCH_OUT ?= out/bench
 bench: setup
 	$(BIN)/visadapt-bench --models convnext_tiny@4x96,efficientnet_lite0@8x96,vit_small@4x96,unet_down@1x64,convnext_atto@8x96 \
-		--rank 8 --warmup 1 --steps 10 --layer-time 0.1 --out $(BENCH_OUT)
+		--rank 8 --warmup 1 --steps 10 --layer-time 0.1 --profile FLoRA,limit --refit --out $(BENCH_OUT)
+
+# eager vs torch.compile (inductor) on ConvNeXt-atto: frozen base, weight-grad limit, PEFT LoRA, FLoRA (docs/bench.md)
+BENCH_COMPILE_OUT ?= out/bench_compile
+.PHONY: bench-compile
+bench-compile: setup
+	$(BIN)/visadapt-bench --models convnext_atto@8x96 --methods base,limit,peft,FLoRA --on-peft-layers '' \
+		--rank 8 --warmup 1 --steps 10 --no-path-choice --compile --out $(BENCH_COMPILE_OUT)

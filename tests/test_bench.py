@@ -227,13 +227,13 @@ def test_sdxl_unet_workload_with_amp_and_checkpointing(tmp_path):
     result = bench.run(['--models', 'sdxl_tiny@1x64', '--methods', 'base,FLoRA', '--steps', '1', '--warmup', '0',
                         '--no-path-choice', '--amp', 'bf16', '--grad-checkpointing', '--threads', '1',
                         '--out', str(tmp_path)])
-    assert result['meta']['amp'] == 'bf16' and result['meta']['grad_checkpointing'] is True
+    assert result['meta']['amp'] == 'bf16' and result['meta']['grad_checkpointing'] == ['sdxl_tiny']
     (model,) = result['models']
     assert model['inputs'] == {'x': [1, 4, 8, 8], 'timestep': [1], 'context': [1, 77, 64], 'text_embeds': [1, 32],
                                'time_ids': [1, 6]}
     rows = {r['name']: r for r in model['configs']}
     assert rows['FLoRA']['merged_equals_unmerged'] is True and rows['FLoRA']['step_ms'] > 0
-    assert 'autocast bf16, gradient checkpointing' in (tmp_path / 'bench.md').read_text()
+    assert 'autocast bf16, gradient checkpointing in sdxl_tiny' in (tmp_path / 'bench.md').read_text()
 
 
 def test_sdxl_unet_full_size_on_meta():
@@ -258,6 +258,7 @@ def test_sdxl_unet_full_size_on_meta():
     (['--profile', 'NoSuch'], "--profile ['NoSuch']"),
     (['--refit', '--no-path-choice'], '--refit fits the path-cost constants'),
     (['--profile-steps', '0'], '--profile-steps must be ≥ 1'),
+    (['--models', 'vit_base', '--grad-checkpointing', 'sdxl_unet'], "--grad-checkpointing ['sdxl_unet']: not in"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -273,3 +274,6 @@ def test_model_overrides_parse():
     assert args.profile_list == ['FLoRA', 'limit']  # the default of a bare --profile
     args = bench.parse_args(['--profile', 'PEFT LoRA,FLoRA (PEFT layers)', '--methods', 'peft'])
     assert args.profile_list == ['PEFT LoRA', 'FLoRA (PEFT layers)'] and args.optimizer == 'fused'
+    args = bench.parse_args(['--models', 'vit_base,sdxl_unet@1x1024', '--grad-checkpointing', 'sdxl_unet'])
+    assert args.checkpointed == ['sdxl_unet'] and bench.parse_args(['--grad-checkpointing']).checkpointed == [
+        'convnext_atto', 'convnext_tiny', 'efficientnet_lite0', 'vit_small', 'unet_down']

@@ -60,7 +60,9 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--device', default='cpu')
     p.add_argument('--dtype', default='float32', choices=sorted(DTYPES), help='dtype of the models and inputs')
     p.add_argument('--amp', default='none', choices=sorted(AMP), help='autocast every forward to this dtype')
-    p.add_argument('--grad-checkpointing', action='store_true', help='gradient checkpointing in every model')
+    p.add_argument('--grad-checkpointing', nargs='?', const='all', default=None, metavar='MODELS',
+                   help="gradient checkpointing in these models (comma-separated --models names; 'all' when given "
+                        "without a value)")
     p.add_argument('--optimizer', default='fused', choices=sorted(OPTIMIZERS),
                    help='AdamW implementation for every configuration that steps one: fused (default), foreach or '
                         'loop (per tensor)')
@@ -118,6 +120,11 @@ def _model_list(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.model_list.append((hit.group(1), batch, size))
     if not args.model_list:
         p.error('--models is empty')
+    names = [n.strip() for n in (args.grad_checkpointing or '').split(',') if n.strip()]
+    bad = [n for n in names if n != 'all' and n not in {m for m, _, _ in args.model_list}]
+    if bad:
+        p.error(f'--grad-checkpointing {bad}: not in --models {[m for m, _, _ in args.model_list]} (or use all)')
+    args.checkpointed = [m for m, _, _ in args.model_list if 'all' in names or m in names]
 
 
 def _check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -44,7 +44,7 @@ def meta(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
             versions[pkg] = None
     return {'command': 'visadapt-bench ' + ' '.join(argv), 'device': args.device,
             'device_name': _device_name(args.device), 'threads': torch.get_num_threads(), 'dtype': args.dtype,
-            'amp': args.amp, 'optimizer': args.optimizer, 'grad_checkpointing': args.grad_checkpointing,
+            'amp': args.amp, 'optimizer': args.optimizer, 'grad_checkpointing': args.checkpointed,
             'compile': args.compile_backend if args.compile else None, 'versions': versions,
             'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
             'steps': args.steps, 'warmup': args.warmup, 'clock': args.clock, 'batch_size': args.batch_size,
@@ -210,7 +210,8 @@ def _refit_lines(refit: Optional[Dict[str, Any]]) -> List[str]:
 def markdown(result: Dict[str, Any]) -> str:
     m = result['meta']
     extras = ', '.join(x for x in (f"autocast {m['amp']}" if m['amp'] != 'none' else '',
-                                   'gradient checkpointing' if m['grad_checkpointing'] else '',
+                                   'gradient checkpointing in ' + ', '.join(m['grad_checkpointing'])
+                                   if m['grad_checkpointing'] else '',
                                    f"compiled with torch.compile({m['compile']})" if m['compile'] else '') if x)
     lines = ["# visadapt benchmark", '', f"`{m['command']}`", '',
              f"Device: {m['device_name']} ({m['device']}, {m['threads']} threads), dtype {m['dtype']}"

@@ -153,7 +153,7 @@ MODELS: Dict[str, Callable[[str, int, int], Workload]] = {
 def build_workload(key: str, args: argparse.Namespace) -> Workload:
     """``MODELS[key]`` at ``args.batch_size`` × ``args.image_size`` on ``args.device`` in ``args.dtype`` (floating
     inputs only; integer inputs such as timesteps keep their dtype), frozen, in train mode, with ``--amp`` and
-    ``--grad-checkpointing`` applied."""
+    gradient checkpointing (``args.checkpointed``: the models ``--grad-checkpointing`` names) applied."""
     torch.manual_seed(args.seed)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -164,7 +164,7 @@ def build_workload(key: str, args: argparse.Namespace) -> Workload:
                         for t in work.inputs)
     work.inputs[0].requires_grad_(True)
     work.amp = AMP[args.amp]
-    if args.grad_checkpointing:
+    if key in args.checkpointed:
         if work.checkpointing is None:
             raise ValueError(f'--grad-checkpointing: model {key!r} has no gradient checkpointing')
         work.checkpointing(work.model)
