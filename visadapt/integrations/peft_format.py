@@ -290,8 +290,9 @@ def _train_modules(model: nn.Module, config: Any, others: Dict[str, torch.Tensor
     chosen: List[str] = []
     tensors = {}
     for key, tensor in others.items():
-        owner = max((n for n in names if key.startswith(n + '.') and any(n.endswith(p) for p in patterns)),
-                    key=len, default=None)   # PEFT's rule: a module whose name ends with a modules_to_save entry
+        # PEFT's rule: a module whose name ends with a modules_to_save entry; the outermost one, as train_modules
+        owner = min((n for n in names if key.startswith(n + '.') and any(n.endswith(p) for p in patterns)),
+                    key=len, default=None)
         if owner is None:
             raise ValueError(f'{source}: tensor {PEFT_PREFIX + key!r} is neither an adapter tensor nor the state of a '
                              f'module in modules_to_save={patterns}')
