@@ -385,12 +385,13 @@ def test_tool_resume_continues_like_an_unbroken_run(tiny_config, tmp_path):
 
 @pytest.mark.parametrize('precision', ['bf16', 'amp_bf16'])
 def test_tool_bf16_on_cpu_keeps_adapters_in_float32(tiny_config, tmp_path, precision):
-    """--precision bf16 (open_clip's low-precision weights) and amp_bf16 (autocast) run on the CPU; the adapter tensors
-    stay float32 either way."""
+    """--precision bf16 (open_clip's low-precision weights) and amp_bf16 (autocast, here with --accum-freq 2 and
+    --grad-checkpointing) run on the CPU; the adapter tensors stay float32 and receive gradients either way."""
     from visadapt.apps import train_clip as tool
     data = _write_csv(tmp_path, 6)
+    extra = ('--accum-freq', '2', '--grad-checkpointing') if precision == 'amp_bf16' else ()
     flags = _flags(tiny_config, tmp_path / 'logs', precision, data, None, '--batch-size', '6', '--epochs', '1',
-                   '--adapter', '{"method": "SeRA", "r": 4}')
+                   '--adapter', '{"method": "LoRA", "r": 4}', *extra)
     flags[flags.index('--precision') + 1] = precision
     result = tool.run(flags)
     model = result['model']
@@ -399,6 +400,8 @@ def test_tool_bf16_on_cpu_keeps_adapters_in_float32(tiny_config, tmp_path, preci
     assert base.dtype == (torch.bfloat16 if precision == 'bf16' else torch.float32)
     adapter = {n: p for n, p in model.named_parameters() if 'visadapt' in n}
     assert adapter and all(p.dtype == torch.float32 for p in adapter.values())
+    up = [p for n, p in adapter.items() if n.endswith('.B')]         # LoRA's B starts at zero
+    assert len(up) == 8 and all(p.abs().max() > 0 for p in up)     # q and v of 2 + 2 blocks, both towers
 
 
 def test_tool_refuses_what_cannot_work(tiny_config, tmp_path, capsys):
