@@ -27,7 +27,7 @@ from visadapt.core import atomic_write_bytes
 from .compiled import BACKENDS
 from .configurations import BASELINE_NAMES, BASELINES, OPTIMIZERS, check_optimizer, selected
 from .measure import CLOCKS
-from .refit import refit
+from .refit import earlier_rows, refit
 from .report import markdown, meta, plot
 from .runner import bench_model
 from .workloads import AMP, DTYPES, MODELS
@@ -84,6 +84,9 @@ def _add_timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--no-path-choice', action='store_true', help='skip the per-layer forward-path benchmark')
     p.add_argument('--refit', action='store_true',
                    help="fit the device type's path-cost constants to this run's per-layer path timings and print them")
+    p.add_argument('--refit-from', default='', metavar='JSONS',
+                   help='with --refit: also fit to the path timings in these earlier bench.json files (comma-separated, '
+                        'same device type)')
     p.add_argument('--compile', action='store_true',
                    help='also compile every configuration with torch.compile and time it (compile time separately)')
     p.add_argument('--compile-backend', default='inductor', choices=BACKENDS,
@@ -198,9 +201,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     _check_numbers(p, args)
     _check_device(p, args)
     _check_names(p, args)
-    if args.refit and args.no_path_choice:
-        p.error('--refit fits the path-cost constants to the per-layer path timings; drop --no-path-choice')
+    _check_refit(p, args)
     return args
+
+
+def _check_refit(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    files = [f.strip() for f in args.refit_from.split(',') if f.strip()]
+    if files and not args.refit:
+        p.error('--refit-from adds earlier path timings to the refit: add --refit')
+    if args.refit and args.no_path_choice and not files:
+        p.error('--refit fits the path-cost constants to the per-layer path timings; drop --no-path-choice or give '
+                '--refit-from')
+    try:
+        args.earlier_rows = earlier_rows(files, torch.device(args.device).type)
+    except ValueError as err:
+        p.error(str(err))
 
 
 def _write(result: Dict[str, Any], out: str) -> str:
@@ -233,8 +248,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         result['meta']['wall_s'] = time.perf_counter() - start
         text = _write(result, args.out)
     if args.refit:
-        result['refit'] = refit([r for m in result['models'] for r in m['path_choice']],
-                                torch.device(args.device).type)
+        rows = [r for m in result['models'] for r in m['path_choice']] + args.earlier_rows
+        result['refit'] = {**refit(rows, torch.device(args.device).type), 'from_files': args.refit_from}
         result['meta']['wall_s'] = time.perf_counter() - start
         text = _write(result, args.out)
     print(text)

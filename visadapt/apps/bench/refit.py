@@ -13,6 +13,7 @@ Both are judged on the layers they were fitted to (in-sample): a check of the fi
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from visadapt.core.path_cost import PathCost, cost_model
 
 from .paths import LINEAR_FIELDS, PATH_TOLERANCE
 
-__all__ = ['refit', 'pathcost_repr']
+__all__ = ['refit', 'pathcost_repr', 'earlier_rows']
 
 
 def _ok(row: Dict[str, Any], chosen: str) -> bool:
@@ -72,3 +73,25 @@ def refit(rows: List[Dict[str, Any]], device_type: str) -> Dict[str, Any]:
             'refit_changes': sum(c != r['auto_path'] for r, c in zip(rows, choices)),
             'median_rel_error': float(np.median(np.abs(predicted - seconds) / seconds)),
             'residual': float(residual)}
+
+
+def earlier_rows(paths: Sequence[str], device_type: str) -> List[Dict[str, Any]]:
+    """The per-layer path rows of earlier ``bench.json`` files (``--refit-from``), all from ``device_type``.
+
+    Raises ValueError naming the file that is unreadable, from another device type or without cost terms."""
+    import torch
+    rows: List[Dict[str, Any]] = []
+    for path in paths:
+        try:
+            with open(path, encoding='utf-8') as f:
+                result = json.load(f)
+            device = torch.device(result['meta']['device']).type
+            found = [r for m in result['models'] for r in m['path_choice']]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f'--refit-from {path!r}: not a readable visadapt-bench JSON ({err})') from None
+        if device != device_type:
+            raise ValueError(f'--refit-from {path!r} was measured on {device}, this run refits {device_type}')
+        if any('cost_terms' not in r for r in found):
+            raise ValueError(f'--refit-from {path!r} has path timings without cost terms (an older bench version)')
+        rows += found
+    return rows

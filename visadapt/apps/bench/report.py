@@ -194,7 +194,8 @@ def _refit_lines(refit: Optional[Dict[str, Any]]) -> List[str]:
     if not refit:
         return []
     lines = ['## Path-cost refit', '',
-             f"Device type `{refit['device_type']}`, {refit['layers']} layer timings of this run. Current constants: "
+             f"Device type `{refit['device_type']}`, {refit['layers']} layer timings of this run"
+             + (f" and of {refit['from_files']}" if refit.get('from_files') else '') + ". Current constants: "
              f"chosen path within {100 * (PATH_TOLERANCE - 1):.0f}% on {refit['current_ok']} of {refit['layers']} "
              f"(the cost terms reproduce auto's choice on {refit['current_terms_agree']})."]
     if 'error' in refit:
