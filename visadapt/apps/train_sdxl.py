@@ -228,6 +228,17 @@ def _check_hub_reachable(args: argparse.Namespace) -> None:
                          f'outputs stay in {args.output_dir!r} (upload them later with `huggingface-cli upload`)')
 
 
+def create_hub_repo(args: argparse.Namespace) -> str:
+    """As the example, the Hub repository is created before training, so a run that cannot upload stops now."""
+    from huggingface_hub import create_repo
+    name = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    try:
+        return create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+    except Exception as err:  # network, authentication and name errors all mean: no upload possible
+        raise ValueError(f'--push_to_hub: could not create the Hub repository {name!r} ({type(err).__name__}: '
+                         f'{err}); drop --push_to_hub, the outputs stay in {args.output_dir!r}') from None
+
+
 def resolve_resume(args: argparse.Namespace) -> Optional[str]:
     """The checkpoint folder to resume from, as the example: a ``checkpoint-N`` name inside ``--output_dir`` (a
     path's last part is taken) or ``latest``; ``latest`` with none starts a new run, saying so."""
@@ -521,6 +532,7 @@ def setup(args: argparse.Namespace) -> Run:
         set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        args.hub_repo_id = create_hub_repo(args) if args.push_to_hub else None
     models = load_models(args, accelerator)
     run = Run(args, accelerator, models, inject_adapters(args, models.unet, models.text_encoders))
     for report in run.reports:
@@ -593,9 +605,9 @@ def _prepare(run: Run) -> None:
 
 
 def _tracker_config(args: argparse.Namespace) -> Dict[str, Any]:
-    """The flags as tracker hyper-parameters (trackers take scalars and strings only)."""
+    """The flags as tracker hyper-parameters (trackers take scalars and strings only; never the Hub token)."""
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in vars(args).items()
-            if v is not None}
+            if v is not None and k != 'hub_token'}
 
 
 def _configure_logging(accelerator) -> None:
@@ -806,10 +818,9 @@ def finish(run: Run) -> None:
 def push_to_hub(run: Run) -> None:
     """The example's model card (diffusers' card helpers) and upload of --output_dir."""
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-    from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub import upload_folder
     args = run.args
-    repo_id = create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)),
-                          exist_ok=True, token=args.hub_token).repo_id
+    repo_id = args.hub_repo_id
     card = load_or_create_model_card(repo_id_or_path=repo_id, from_training=True, license='creativeml-openrail-m',
                                      base_model=args.pretrained_model_name_or_path, inference=True,
                                      model_description=f'visadapt adapters ({", ".join(map(str, run.reports))}) '
