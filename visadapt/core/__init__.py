@@ -16,7 +16,7 @@ from . import attention as _attention  # noqa: F401  (registers the adapted nn.M
 from .adapter import FORWARD_PATHS, Adapter
 from .config import AdapterConfig, check_positive_int
 from .factors import Factors, stack_factors
-from .fingerprint import fingerprint, fingerprint_mismatch
+from .fingerprints import fingerprint, fingerprint_mismatch
 from .io import (
                  CONFIG_NAME,
                  WEIGHTS_NAME,

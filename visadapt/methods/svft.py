@@ -25,7 +25,7 @@ always reloads with exactly its pattern.
 U and V come from ``torch.linalg.svd`` of the frozen W at injection, computed in float32 (float64 for float64
 weights) whatever the model dtype. They are non-persistent buffers (never saved: they are derived from the base
 weight), can be stored in bfloat16/float16 (``basis_dtype``) and truncated to the top ``r`` singular directions
-(appendix C.3). The adapter file records a fingerprint of the base weight (:mod:`visadapt.core.fingerprint`); loading
+(appendix C.3). The adapter file records a fingerprint of the base weight (:mod:`visadapt.core.fingerprints`); loading
 onto another base weight is a ValueError, while the same weight in another dtype (e.g. bf16 at inference) is
 accepted.
 
@@ -57,7 +57,7 @@ import torch.nn as nn
 from ..core.adapter import Adapter
 from ..core.config import AdapterConfig, check_positive_int
 from ..core.factors import Factors
-from ..core.fingerprint import fingerprint, fingerprint_mismatch
+from ..core.fingerprints import fingerprint, fingerprint_mismatch
 from ..core.registry import register
 from ..core.site import Site, output_positions, pointwise, run_op
 

@@ -7,8 +7,8 @@ In ``y = W x`` form (W ∈ R^{out×in}), as the paper writes it: ΔW = diag(b) B
 * A ∈ R^{r×in} and B ∈ R^{out×r}: frozen, random (Kaiming-uniform, as the paper), shared by every layer with the
   same shapes. They are regenerated from ``seed`` (a CPU ``torch.Generator``, so the values do not depend on the
   device) and are never saved: the adapter file holds only d and b, plus the seed and fingerprints of the
-  regenerated matrices (:mod:`visadapt.core.fingerprint`) in its metadata. Loading with another seed, onto layers of other shapes, or on a PyTorch
-  whose generator draws different numbers, is a clear error. Layers with equal shapes share one CPU tensor.
+  regenerated matrices (:mod:`visadapt.core.fingerprints`) in its metadata. Loading with another seed, onto layers
+  of other shapes, or on a PyTorch whose generator draws different numbers, is a clear error. Layers with equal shapes share one CPU tensor.
 * d ∈ R^{r} and b ∈ R^{out}: trainable scaling vectors. Init b = 0 (so ΔW = 0 and the output is the base output
   bit for bit at step 0) and d = ``d_init`` (paper: 0.1).
 * ConvNd: A is an r-channel conv with the layer's kernel (shape (r, in/groups, *k), i.e. the matrix A ∈
@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..core.adapter import Adapter
 from ..core.config import AdapterConfig, check_positive_int
 from ..core.factors import Factors
-from ..core.fingerprint import fingerprint, fingerprint_mismatch
+from ..core.fingerprints import fingerprint, fingerprint_mismatch
 from ..core.registry import register
 from ..core.site import Site, output_positions
 from .lora import lora_bypass, lora_delta_weight
