@@ -20,6 +20,7 @@ from .fingerprints import fingerprint, fingerprint_mismatch
 from .io import (
                  CONFIG_NAME,
                  WEIGHTS_NAME,
+                 adapter_file_key,
                  adapter_metadata,
                  adapter_state_dict,
                  adapter_state_keys,
@@ -32,6 +33,7 @@ from .io import (
                  read_adapter,
                  read_state_dict,
                  save_adapter,
+                 trained_file_key,
 )
 from .layer import ADAPTER_ATTR, fold_adapters, is_adapted, is_adapter_key, iter_adapted
 from .registry import (
@@ -77,9 +79,10 @@ __all__ = [
     'is_plain_layer', 'SUPPORTED_LAYER_TYPES', 'ADAPTER_ATTR', 'is_adapter_key', 'is_adapted', 'iter_adapted',
     'fold_adapters', 'matches', 'select_targets', 'select_train_modules',
     # checkpoints
-    'save_adapter', 'load_adapter', 'adapter_state_dict', 'adapter_state_keys', 'load_adapter_state_dict', 'adapter_metadata',
-    'check_adapter_metadata', 'check_state_dict', 'read_adapter', 'read_state_dict', 'atomic_write_bytes',
-    'atomic_write_files', 'CONFIG_NAME', 'WEIGHTS_NAME', 'fingerprint', 'fingerprint_mismatch',
+    'save_adapter', 'load_adapter', 'adapter_state_dict', 'adapter_state_keys', 'load_adapter_state_dict',
+    'adapter_metadata', 'check_adapter_metadata', 'check_state_dict', 'adapter_file_key', 'trained_file_key',
+    'read_adapter', 'read_state_dict', 'atomic_write_bytes', 'atomic_write_files', 'CONFIG_NAME', 'WEIGHTS_NAME',
+    'fingerprint', 'fingerprint_mismatch',
     # built on the core
     'analysis', 'budget', 'regularization_loss', 'attach_regularizer', 'detach_regularizer', 'mpc_loss',
 ]

@@ -29,7 +29,7 @@ from .registry import config_from_dict
 from .tuner import adapter_names, get_injection, inject, remove
 
 __all__ = ['save_adapter', 'load_adapter', 'adapter_state_dict', 'load_adapter_state_dict', 'adapter_metadata',
-           'check_adapter_metadata', 'check_state_dict', 'adapter_state_keys', 'read_adapter', 'read_state_dict', 'atomic_write_bytes',
+           'check_adapter_metadata', 'check_state_dict', 'adapter_state_keys', 'adapter_file_key', 'trained_file_key', 'read_adapter', 'read_state_dict', 'atomic_write_bytes',
            'atomic_write_files', 'CONFIG_NAME', 'WEIGHTS_NAME']
 
 CONFIG_NAME = 'adapter_config.json'
@@ -83,6 +83,16 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     atomic_write_files({path: data})
 
 
+def adapter_file_key(layer: str, tensor: str) -> str:
+    """The schema's key of adapter tensor ``tensor`` (e.g. ``G``, ``factors.0``) on layer ``layer``."""
+    return f'{ADAPTER_PREFIX}{layer}.{tensor}'
+
+
+def trained_file_key(base_key: str) -> str:
+    """The schema's key of a fully trained module's tensor, from its base-model key (e.g. ``head.fc.weight``)."""
+    return TRAINED_PREFIX + base_key
+
+
 def _trained_prefix(mod_name: str) -> str:
     """Key prefix of a train module's state; the root module '' (full fine-tuning) has keys ``trained.<base key>``."""
     return f'{TRAINED_PREFIX}{mod_name}.' if mod_name else TRAINED_PREFIX
@@ -94,7 +104,7 @@ def adapter_state_dict(model: nn.Module, name: str = 'default') -> Dict[str, tor
     state: Dict[str, torch.Tensor] = {}
     for layer_name, module in iter_adapted(model, name):
         for key, tensor in module.visadapt[name].state_dict().items():
-            state[f'{ADAPTER_PREFIX}{layer_name}.{key}'] = tensor.detach().contiguous()
+            state[adapter_file_key(layer_name, key)] = tensor.detach().contiguous()
     modules = dict(model.named_modules())
     for mod_name in injection.train_modules:
         for key, tensor in modules[mod_name].state_dict().items():

@@ -47,25 +47,27 @@ import torch
 import torch.nn as nn
 
 from ..core import (
-                    ADAPTER_ATTR,
-                    AdapterConfig,
-                    Factors,
-                    adapter_state_keys,
-                    atomic_write_files,
-                    base_bias,
-                    get_config_class,
-                    get_injection,
-                    inject,
-                    is_adapted,
-                    is_adapter_key,
-                    is_plain_layer,
-                    iter_adapted,
-                    load_adapter_state_dict,
-                    read_state_dict,
-                    remove,
-                    select_targets,
-                    select_train_modules,
-                    site_from_module,
+    ADAPTER_ATTR,
+    AdapterConfig,
+    Factors,
+    adapter_file_key,
+    adapter_state_keys,
+    atomic_write_files,
+    base_bias,
+    get_config_class,
+    get_injection,
+    inject,
+    is_adapted,
+    is_adapter_key,
+    is_plain_layer,
+    iter_adapted,
+    load_adapter_state_dict,
+    read_state_dict,
+    remove,
+    select_targets,
+    select_train_modules,
+    site_from_module,
+    trained_file_key,
 )
 
 __all__ = ['load_peft_adapter', 'save_peft_adapter', 'read_peft_adapter', 'peft_lora_state', 'peft_layer_problem',
@@ -94,8 +96,6 @@ WHY_NOT = {
     'OFT': 'OFT multiplies W by a learned block-orthogonal matrix',
 }
 # visadapt's adapter-file key scheme (visadapt.core.io): adapter tensors and fully trained modules' state
-ADAPTER_KEY = 'adapter.{layer}.{tensor}'
-TRAINED_PREFIX = 'trained.'
 
 
 def has_peft(necessary: bool = False) -> bool:
@@ -279,10 +279,6 @@ def _expect(tensors: Dict[str, torch.Tensor], names: List[str], layer: str, sour
         raise ValueError(f'{source}: layer {layer!r} has tensors {sorted(tensors)}, expected {sorted(names)}')
 
 
-def _key(layer: str, tensor: str) -> str:
-    return ADAPTER_KEY.format(layer=layer, tensor=tensor)
-
-
 def _train_modules(model: nn.Module, config: Any, others: Dict[str, torch.Tensor], source: str):
     """modules_to_save → (visadapt train_modules, their tensors): each remaining key must belong to one of them."""
     patterns = list(config.modules_to_save or [])
@@ -298,7 +294,7 @@ def _train_modules(model: nn.Module, config: Any, others: Dict[str, torch.Tensor
                              f'module in modules_to_save={patterns}')
         if owner not in chosen:
             chosen.append(owner)
-        tensors[TRAINED_PREFIX + key] = tensor
+        tensors[trained_file_key(key)] = tensor
     return chosen, tensors
 
 
@@ -335,10 +331,10 @@ def _read_lora(model, config, layers, source: str) -> Tuple[List[_Part], List[st
             folded.append(layer)
             B = B * factor
         ranks[layer] = r
-        tensors[_key(layer, 'A')] = A
-        tensors[_key(layer, 'B')] = B.reshape(B.shape[0], r)
+        tensors[adapter_file_key(layer, 'A')] = A
+        tensors[adapter_file_key(layer, 'B')] = B.reshape(B.shape[0], r)
         if config.use_dora:
-            tensors[_key(layer, 'm')] = t['lora_magnitude_vector'].reshape(-1)
+            tensors[adapter_file_key(layer, 'm')] = t['lora_magnitude_vector'].reshape(-1)
     cls = get_config_class('DoRA' if config.use_dora else 'LoRA')
     vconfig = cls(r=r0, alpha=alpha, include=list(modules), rank_pattern={n: r for n, r in ranks.items() if r != r0})
     notes = [f"PEFT's scaling on {len(folded)} layer(s) ({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''}) "
@@ -372,7 +368,7 @@ def _read_ia3(model, config, layers, source: str, reparametrize: bool) -> Tuple[
                                           ('_bias', 'BitFit', 'delta_b', bias_deltas)):
         if scales:
             parts.append(_Part(suffix, get_config_class(method)(include=list(scales)),
-                               {_key(n, tensor): v for n, v in scales.items()}))
+                               {adapter_file_key(n, tensor): v for n, v in scales.items()}))
     parts[0].name = ''   # the first adapter takes the plain name (SSL when only feed-forward modules are adapted)
     notes = [f'(IA)³ on feed-forward modules ({len(in_scales)} layers) scales their input: loaded as SSL'] \
         if in_scales else []
@@ -403,8 +399,8 @@ def _read_vera(model, config, layers, shared, source: str, reparametrize: bool) 
         if not isinstance(modules[layer], nn.Linear) or in_f > vera_A.shape[1] or out_f > vera_B.shape[0]:
             raise ValueError(f'{source}: layer {layer!r} ({type(modules[layer]).__name__} {out_f}x{in_f}) does not fit '
                              f'the VeRA projections vera_A {tuple(vera_A.shape)}, vera_B {tuple(vera_B.shape)}')
-        tensors[_key(layer, 'A')] = t['vera_lambda_d'].unsqueeze(1) * vera_A[:, :in_f]
-        tensors[_key(layer, 'B')] = t['vera_lambda_b'].unsqueeze(1) * vera_B[:out_f]
+        tensors[adapter_file_key(layer, 'A')] = t['vera_lambda_d'].unsqueeze(1) * vera_A[:, :in_f]
+        tensors[adapter_file_key(layer, 'B')] = t['vera_lambda_b'].unsqueeze(1) * vera_B[:out_f]
     vconfig = get_config_class('LoRA')(r=config.r, include=list(modules))
     return [_Part('', vconfig, tensors)], ['reparametrized: VeRA loaded as the LoRA it equals (A = diag(λ_d) vera_A, '
                                            'B = diag(λ_b) vera_B)']
