@@ -70,6 +70,7 @@ class RankDumpHook(Hook):
             return
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         model.cfg = runner.cfg  # what init_detector / init_model set, and the inference functions read
+        model.eval()  # as init_detector / init_model leave it
         if runner.cfg.get('default_scope') == 'mmdet':
             from mmdet.apis import inference_detector
             sample = inference_detector(model, self.probe_image)
