@@ -330,11 +330,11 @@ def create_classifier(args: argparse.Namespace, num_classes: int) -> Tuple[nn.Mo
                   bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, **args.model_kwargs)
     try:
         model = vtimm.create_model(args.model, pretrained=_weights_source(args), num_classes=num_classes, **kwargs)
-    except (OSError, RuntimeError) as err:
-        if args.pretrained is not True or isinstance(err, FileNotFoundError):
+    except (OSError, RuntimeError) as err:  # timm's hub download (huggingface_hub raises OSError subclasses)
+        if args.pretrained is not True or args.pretrained_path:
             raise
-        raise ValueError(f"--pretrained: timm could not load its weights for {args.model!r} ({type(err).__name__}: "
-                         f"{str(err)[:300]}); offline, use --pretrained packaged (for {sorted(vtimm.PACKAGED_WEIGHTS)})"
+        raise ValueError(f"--pretrained: timm could not get its weights for {args.model!r} ({type(err).__name__}: "
+                         f"{str(err)[:200]}); offline, use --pretrained packaged (for {sorted(vtimm.PACKAGED_WEIGHTS)})"
                          f" or --pretrained-path FILE") from None
     if args.initial_checkpoint:
         skipped = vtimm.load_pretrained(model, args.initial_checkpoint)
@@ -590,7 +590,7 @@ def _setup_schedule_and_saver(tr: Trainer) -> None:
             tr.scheduler.step(tr.start_epoch)
     if args.distributed:
         tr.task.prepare_distributed(device_ids=[tr.device] if tr.device.type == 'cuda' else None,
-                                    broadcast_buffers=not args.no_ddp_bb)
+                                    **({'broadcast_buffers': False} if args.no_ddp_bb else {}))
 
 
 def _setup_ema(tr: Trainer) -> None:
@@ -917,7 +917,10 @@ def _print_summary(m: Dict[str, Any], out: str) -> None:
         f'last.pth.tar, summary.csv, metrics.json, curves.png',
     ]
     if merged['path']:
-        lines.append(f"plain timm  {merged['load']}")
+        cfg = merged['data_config']
+        lines += [f"plain timm  {merged['load']}",
+                  f"  inputs    {cfg['input_size'][-1]}x{cfg['input_size'][-1]}, {cfg['interpolation']}, crop_pct "
+                  f"{cfg['crop_pct']}, mean {tuple(cfg['mean'])}, std {tuple(cfg['std'])}"]
     print('\n'.join(lines), flush=True)
 
 
