@@ -441,8 +441,8 @@ def test_tool_two_processes_end_with_identical_adapters(tiny_config, tmp_path):
                    '--loss', 'triplet', '--adapter', '{"method": "LoRA", "r": 2}')
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    proc = subprocess.run([torchrun, '--nproc_per_node', '2', str(script), '--', str(tmp_path / 'dump'), *flags],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    command = [torchrun, '--standalone', '--nproc_per_node', '2', str(script), '--', str(tmp_path / 'dump'), *flags]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'adapters identical on all 2 processes' in proc.stdout + proc.stderr
     rank0, rank1 = (_adapter_tensors(tmp_path / 'dump' / f'rank{r}' / 'qv') for r in (0, 1))
