@@ -199,7 +199,8 @@ def _start_run(args: argparse.Namespace) -> List[logging.Handler]:
     base = os.path.join(args.logs, args.name)
     resume_latest = args.resume == 'latest'
     args.save_logs = bool(args.logs) and args.logs.lower() != 'none' and is_master(args)
-    exists = os.path.exists(os.path.join(base, 'out.log'))  # read on every rank before rank 0 writes anything
+    # read on every rank before rank 0 writes anything (params.txt: written by every run that keeps logs)
+    exists = any(os.path.exists(os.path.join(base, f)) for f in ('out.log', 'params.txt'))
     if args.distributed:
         torch.distributed.barrier()
     if exists and not resume_latest:
