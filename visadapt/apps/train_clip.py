@@ -103,8 +103,10 @@ def _visadapt_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='visadapt-train-clip', add_help=False, allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__.split('\n\n')[0],
-        epilog="Every flag of open_clip_train (python -m open_clip_train.main --help) is accepted too; its help "
-               "follows when open_clip_torch[training] is installed.")
+        epilog="Every flag of open_clip_train (python -m open_clip_train.main --help) is accepted too, with its "
+               "meaning; its help follows when open_clip_torch[training] is installed. --model also takes a model "
+               "config JSON (e.g. clip_configs/EffNetLite0-MiniLM-L6.json). Several processes: torchrun "
+               "--nproc_per_node N -m visadapt.apps.train_clip -- FLAGS.")
     g = p.add_argument_group('adapters (visadapt)')
     g.add_argument('--adapter', default='{"method": "SeRA", "r": 8}',
                    help='method for the q/v projections of both towers: JSON (inline or a .json file) or a method '
