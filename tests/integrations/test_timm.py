@@ -406,8 +406,8 @@ def test_vit_q_v_end_to_end(method, tmp_path):
 def _cli(tmp_path, *extra):
     return ['--dataset', 'digits', '--img-size', '32', '--model', 'convnext_atto', '--adapter',
             '{"method": "FLoRA", "scale": 1.0}', '--rank', '4', '--train-size', '320', '--epochs', '2', '-b', '32',
-            '--opt', 'adamw', '--lr', '3e-3', '--no-aug', '--smoothing', '0', '--seed', '0', '--threads', '1', '-j', '0',
-            '--output', str(tmp_path), '--experiment', 'run', *extra]
+            '--opt', 'adamw', '--lr', '3e-3', '--no-aug', '--smoothing', '0', '--seed', '0', '--threads', '1',
+            '-j', '0', '--output', str(tmp_path), '--experiment', 'run', *extra]
 
 
 def _evaluate(model, args, dataset):

@@ -14,7 +14,8 @@ The command line is timm's ``train.py`` (same flag names and meanings: ``--model
 * optimizer :func:`timm.optim.create_optimizer_v2` over the model (it skips frozen parameters), schedule
   :func:`timm.scheduler.create_scheduler_v2`, EMA :class:`timm.utils.ModelEmaV3`, checkpoints
   :class:`timm.utils.CheckpointSaver` (``last.pth.tar``, ``checkpoint-N.pth.tar``, ``model_best.pth.tar``,
-  ``summary.csv``), ``torchrun`` through :func:`timm.utils.init_distributed_device` and :func:`~timm.utils.distribute_bn`.
+  ``summary.csv``), ``torchrun`` through :func:`timm.utils.init_distributed_device` and
+  :func:`~timm.utils.distribute_bn`.
 
 visadapt adds the adapter (:func:`visadapt.integrations.timm_models.create_model` with the family preset; the
 classifier trains fully), evaluation before the first step, and the outputs ``adapter/`` (``visadapt.save_adapter``;
@@ -65,8 +66,8 @@ from ..integrations import timm_models as vtimm
 
 __all__ = ['ArrayImageDataset', 'DatasetView', 'create_datasets', 'create_eval_loader', 'find_fashion_mnist',
            'fashion_mnist_arrays', 'build_parser', 'parse_args', 'create_classifier', 'Trainer', 'setup', 'train',
-           'train_one_epoch', 'train_step', 'evaluate', 'finish', 'run', 'main', 'main_with_args', 'PRESETS', 'SHORT_RECIPE',
-           'FASHION_MNIST_DIRS', 'FASHION_MNIST_CLASSES', 'MERGED_NAME', 'OWN_DATASETS']
+           'train_one_epoch', 'train_step', 'evaluate', 'finish', 'run', 'main', 'main_with_args', 'PRESETS',
+           'SHORT_RECIPE', 'FASHION_MNIST_DIRS', 'FASHION_MNIST_CLASSES', 'MERGED_NAME', 'OWN_DATASETS']
 
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
@@ -306,12 +307,15 @@ def _adapter_spec(text: str) -> Any:
 
 def _adapter_config(args: argparse.Namespace, model: nn.Module) -> Tuple[Any, Any]:
     """The config to inject (family preset, then ``--rank`` or ``--budget``) and the budget match (or None)."""
-    config = vtimm.make_config(model, _adapter_spec(args.adapter), preset=None if args.no_preset else 'auto',
-                               mlp=args.mlp, proj=args.proj)
+    spec = _adapter_spec(args.adapter)
+    config = vtimm.make_config(model, spec, preset=None if args.no_preset else 'auto', mlp=args.mlp, proj=args.proj)
     knob = budget_field(config)
-    if (args.adapter_rank is not None or args.budget is not None) and knob is None:
+    if args.adapter_rank is not None or args.budget is not None:
         flag = '--rank' if args.adapter_rank is not None else '--budget'
-        raise ValueError(f'{flag} is set but {config.method} has no rank to set; drop {flag}')
+        if knob is None:
+            raise ValueError(f'{flag} is set but {config.method} has no rank to set; drop {flag}')
+        if isinstance(spec, dict) and knob in spec:
+            raise ValueError(f'--adapter sets {knob}={spec[knob]} and {flag} sets it too; pass one of them')
     if args.adapter_rank is not None:
         return dataclasses.replace(config, **{knob: args.adapter_rank}), None
     if args.budget is not None:
@@ -373,7 +377,7 @@ class RegularizedLoss(nn.Module):
             return loss + regularization_loss(self._model[0])
 
 
-# ---- the run ----------------------------------------------------------------------------------------------------------
+# ---- the run ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Trainer:
     """Everything one run holds; :func:`setup` builds it, :func:`train` runs it, :func:`finish` writes the outputs."""
@@ -462,10 +466,10 @@ def _read_resume_checkpoint(args: argparse.Namespace, model: nn.Module) -> Dict[
     return checkpoint
 
 
+#: settings a resumed run must share with the checkpoint's (the model, its adapter and the data)
 _RESUME_KEYS = ('model', 'pretrained', 'pretrained_path', 'initial_checkpoint', 'adapter', 'adapter_rank', 'budget',
-                'mlp',
-                'proj', 'no_preset', 'model_kwargs', 'num_classes', 'dataset', 'data_dir', 'train_split', 'img_size',
-                'train_size', 'eval_size', 'data_seed')
+                'mlp', 'proj', 'no_preset', 'model_kwargs', 'num_classes', 'dataset', 'data_dir', 'train_split',
+                'img_size', 'train_size', 'eval_size', 'data_seed')
 
 
 def _resume(tr: Trainer) -> int:
@@ -527,8 +531,8 @@ def _num_classes(args: argparse.Namespace, classes: Optional[List[str]]) -> int:
 
 def setup(args: argparse.Namespace) -> Trainer:
     """Devices and processes, data, model + adapter, optimizer, AMP, task, EMA, DDP, schedule, checkpoints, resume."""
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
     vtimm.has_timm(necessary=True)
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.utils import init_distributed_device, random_seed
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -564,7 +568,7 @@ def _output_dir(args: argparse.Namespace, data_config: Dict[str, Any]) -> Option
 
 
 def _setup_schedule_and_saver(tr: Trainer) -> None:
-    """timm's scheduler and CheckpointSaver, then ``--resume``, EMA and DDP (in timm's train.py order)."""
+    """timm's scheduler and CheckpointSaver (primary rank), then ``--resume``, the EMA and DDP, as timm orders them."""
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.utils import CheckpointSaver
     args = tr.args
@@ -605,7 +609,7 @@ def _args_dict(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
 
 
-# ---- training and evaluation ------------------------------------------------------------------------------------------
+# ---- training and evaluation -----------------------------------------------------------------------------------------
 def _epoch_seed(seed: int, epoch: int) -> int:
     """The seed of epoch ``epoch``'s batch order and augmentation (timm's random_seed adds the rank)."""
     return seed + 10_007 * (epoch + 1)
@@ -776,7 +780,7 @@ def _print_plan(tr: Trainer) -> None:
           f'{tr.device}{amp}; {args.workers} loader worker(s); output {tr.output_dir}', flush=True)
 
 
-# ---- outputs ----------------------------------------------------------------------------------------------------------
+# ---- outputs ---------------------------------------------------------------------------------------------------------
 def _rss_mb() -> float:
     """Current resident set size in MB (Linux /proc; falls back to the peak)."""
     try:
@@ -891,10 +895,19 @@ def _fmt_seconds(s: float) -> str:
     return f'{int(s // 60)}m{s % 60:04.1f}s' if s >= 60 else f'{s:.1f}s'
 
 
+def _first_eval_text(m: Dict[str, Any]) -> str:
+    """What the first evaluation of the run measured."""
+    if m['eval'][0]['step']:
+        return f"step {m['eval'][0]['step']}: the first evaluation after resuming"
+    if m['args'].get('initial_checkpoint'):
+        return 'step 0: the --initial-checkpoint model'
+    backbone = 'random-init' if m['pretrained'] is False else 'pretrained'
+    return f"step 0: {backbone} backbone, freshly initialized {m['num_classes']}-class head"
+
+
 def _print_summary(m: Dict[str, Any], out: str) -> None:
     head = m['trainable_params'] - m['adapter_params']
     cfg = m['config']
-    backbone = 'random-init' if m['pretrained'] is False else 'pretrained'
     knobs = ', '.join(f'{k}={cfg[k]}' for k in ('r', 'r3', 'scale', 'alpha', 'split', 'conv_form', 'pattern')
                       if k in cfg and cfg[k] is not None)
     ema = f", EMA {100 * m['ema_accuracy_after']:.2f}%" if m['ema_accuracy_after'] is not None else ''
@@ -907,9 +920,9 @@ def _print_summary(m: Dict[str, Any], out: str) -> None:
         f"({100 * m['trainable_params'] / m['total_params']:.2f}% of the model)",
         f"data        {m['data']}: {m['train_images']:,} train / {m['test_images']:,} test images at "
         f"{m['image_size']}x{m['image_size']}, {m['num_classes']} classes",
-        f"accuracy    before {100 * m['accuracy_before']:.2f}% (step 0: {backbone} backbone, freshly initialized "
-        f"{m['num_classes']}-class head)  ->  after {100 * m['accuracy_after']:.2f}%{ema} "
-        f"({m['epochs']} epochs, {m['steps']} steps)",
+        f"accuracy    before {100 * m['accuracy_before']:.2f}% ({_first_eval_text(m)})  ->  after "
+        f"{100 * m['accuracy_after']:.2f}%{ema} ({m['epochs']} epoch{'s' if m['epochs'] != 1 else ''}, "
+        f"{m['steps']} steps)",
         f"time        {_fmt_seconds(m['total_seconds'])} in total, training {_fmt_seconds(m['train_seconds'])} "
         f"({m['step_time_s']:.3f} s/step), on {m['device']}",
         f"memory      peak {m['peak_memory_mb']:.0f} MB ({m['peak_memory_kind'].replace('_', ' ')})",
@@ -935,7 +948,7 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
             torch.distributed.destroy_process_group()
 
 
-# ---- command line -----------------------------------------------------------------------------------------------------
+# ---- command line ----------------------------------------------------------------------------------------------------
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Dataset parameters')
     g.add_argument('--data-dir', metavar='DIR', help='path to the dataset root (timm); for fashion-mnist: its '
