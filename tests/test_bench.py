@@ -46,6 +46,7 @@ def test_quick_outputs_and_schema(quick_run):
     meta = saved['meta']
     assert meta['quick'] and meta['steps'] == 3 and meta['device'] == 'cpu'
     assert {'command', 'device_name', 'threads', 'dtype', 'versions', 'date', 'memory_method', 'wall_s'} <= set(meta)
+    assert set(meta['load_average']) == {'start', 'end'} and meta['load_average']['end'] >= 0  # how busy the host was
     (model,) = saved['models']
     assert model['model'] == 'convnext_atto' and model['inputs']['x'] == [2, 3, 32, 32]
     assert model['budget'] > 0 and model['targets'] == 40

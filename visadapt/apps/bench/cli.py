@@ -28,7 +28,7 @@ from .compiled import BACKENDS
 from .configurations import BASELINE_NAMES, BASELINES, OPTIMIZERS, check_optimizer, selected
 from .measure import CLOCKS
 from .refit import earlier_rows, refit
-from .report import markdown, meta, plot
+from .report import load_average, markdown, meta, plot
 from .runner import bench_model
 from .workloads import AMP, DTYPES, MODELS
 
@@ -219,6 +219,7 @@ def _check_refit(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _write(result: Dict[str, Any], out: str) -> str:
+    result['meta']['load_average']['end'] = load_average()
     atomic_write_bytes(os.path.join(out, 'bench.json'), json.dumps(result, indent=1).encode())
     text = markdown(result)
     atomic_write_bytes(os.path.join(out, 'bench.md'), text.encode())
@@ -249,7 +250,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         text = _write(result, args.out)
     if args.refit:
         rows = [r for m in result['models'] for r in m['path_choice']] + args.earlier_rows
-        result['refit'] = {**refit(rows, torch.device(args.device).type), 'from_files': args.refit_from}
+        fit = result['refit'] = {**refit(rows, torch.device(args.device).type), 'from_files': args.refit_from}
+        log(f"path-cost refit ({fit['device_type']}, {fit['layers']} layers): " + (
+            f"{fit['refit_repr']}; chosen path within 10% on {fit['refit_ok']} layers (current constants: "
+            f"{fit['current_ok']})" if 'refit_repr' in fit else fit['error']))
         result['meta']['wall_s'] = time.perf_counter() - start
         text = _write(result, args.out)
     print(text)

@@ -16,7 +16,7 @@ from .breakdown import CATEGORIES
 from .configurations import BASELINE_NAMES
 from .paths import PATH_TOLERANCE
 
-__all__ = ['meta', 'markdown', 'plot', 'TARGET_METHODS']
+__all__ = ['meta', 'markdown', 'plot', 'load_average', 'TARGET_METHODS']
 
 TARGET_METHODS = ('FLoRA', 'SeRA', 'SVFT')
 
@@ -51,7 +51,15 @@ def meta(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
             'image_size': args.image_size, 'rank': args.rank, 'quick': args.quick,
             'profile': args.profile_list, 'profile_steps': args.profile_steps if args.profile_list else None,
             'memory_method': ('torch.cuda.max_memory_allocated' if args.device.startswith('cuda')
-                              else 'torch.profiler allocation events')}
+                              else 'torch.profiler allocation events'), 'load_average': {'start': load_average()}}
+
+
+def load_average() -> Optional[float]:
+    """The host's 1-minute load average (how busy a shared machine was), None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _fmt(value: Optional[float], spec: str, suffix: str = '') -> str:
@@ -219,7 +227,9 @@ def markdown(result: Dict[str, Any]) -> str:
              f"{', ' + extras if extras else ''}, torch {m['versions']['torch']}, {m['clock']} clock, {m['date']}. "
              f"Step = forward + backward + AdamW step ({m['optimizer']}), median of {m['steps']} steps after "
              f"{m['warmup']} warm-up, all configurations of a model interleaved. Peak = memory held before the step "
-             f"+ the step's allocation high-water mark ({m['memory_method']}).", '']
+             f"+ the step's allocation high-water mark ({m['memory_method']}). Host load average (1 min) "
+             f"{_fmt(m['load_average']['start'], '.1f')} at the start, {_fmt(m['load_average'].get('end'), '.1f')} at "
+             f"the last write ({os.cpu_count()} CPUs): above the CPU count, other processes shared the cores.", '']
     for model in result['models']:
         lines += [f"## {model['model']}", '',
                   f"Inputs {model['inputs']}; {model['targets']} adapted layers; budget {model['budget']:,} trainable "
