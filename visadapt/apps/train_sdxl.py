@@ -812,7 +812,7 @@ def finish(run: Run) -> None:
     if args.push_to_hub:
         push_to_hub(run)
     atomic_write_bytes(os.path.join(out, 'train_metrics.json'), json.dumps(run.metrics, indent=2).encode())
-    logger.info(json.dumps({k: v for k, v in run.metrics.items() if k != 'adapters'}))
+    logger.info(json.dumps({k: v for k, v in run.metrics.items() if k not in ('adapters', 'history', 'validation')}))
 
 
 def push_to_hub(run: Run) -> None:

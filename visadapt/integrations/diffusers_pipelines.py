@@ -356,7 +356,7 @@ def save_diffusers_lora(pipe_or_components: Any, directory: Union[str, os.PathLi
                         names: Optional[Iterable[str]] = None, dtype: torch.dtype = torch.float32
                         ) -> Dict[str, Dict[str, torch.Tensor]]:
     """Write ``directory/pytorch_lora_weights.safetensors`` (diffusers' own ``save_lora_weights``, with each
-    component's :func:`diffusers_lora_metadata`; written to a temporary folder, then renamed into place):
+    component's :func:`diffusers_lora_metadata`, into a temporary folder, then written atomically into place):
     ``pipe.load_lora_weights(directory)`` loads it. Returns the tensors per component."""
     import tempfile
 
@@ -368,8 +368,8 @@ def save_diffusers_lora(pipe_or_components: Any, directory: Union[str, os.PathLi
     for component, tensors in state.items():
         kwargs[f'{component}_lora_layers'] = tensors
         kwargs[f'{component}_lora_adapter_metadata'] = diffusers_lora_metadata(tensors)
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix='.lora-') as tmp:
+    with tempfile.TemporaryDirectory(prefix='visadapt-lora-') as tmp:
         StableDiffusionXLPipeline.save_lora_weights(tmp, weight_name=DIFFUSERS_LORA_NAME, **kwargs)
-        os.replace(os.path.join(tmp, DIFFUSERS_LORA_NAME), os.path.join(directory, DIFFUSERS_LORA_NAME))
+        with open(os.path.join(tmp, DIFFUSERS_LORA_NAME), 'rb') as f:
+            atomic_write_bytes(os.path.join(directory, DIFFUSERS_LORA_NAME), f.read())
     return state
