@@ -449,6 +449,19 @@ def test_the_retired_top_level_adapter_is_refused_by_visadapt_mm_train(tmp_path,
     assert "model = dict(type='AdaptedModel'" in capsys.readouterr().err
 
 
+def test_a_top_level_adapter_is_refused_wherever_the_config_is_loaded(tmp_path):
+    """Stock train.py/test.py and the inference APIs all load configs with Config.fromfile: a top-level adapter
+    (which none of them would apply) fails there, naming the fix, instead of training or predicting without it."""
+    plain = tmp_path / 'plain.py'
+    plain.write_text(f"_base_ = [{SEG_SMOKE!r}]\nadapter = dict(type='FLoRA', r=4)\n")
+    with pytest.raises(ValueError, match=r"top-level adapter=.*never read.*model = dict\(type='AdaptedModel'"):
+        Config.fromfile(str(plain))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.run([sys.executable, _stock_script('mmseg', 'train'), str(plain), '--work-dir',
+                           str(tmp_path / 'w')], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and 'top-level adapter=' in proc.stderr
+
+
 def test_an_adapter_checkpoint_for_a_model_without_the_adapter_is_an_error(seg_run):
     """A config without the adapter (the model type is the plain EncoderDecoder) would drop the adapter tensors."""
     from mmseg.apis import init_model

@@ -58,16 +58,20 @@ def stock_tool(toolbox: str, name: str) -> str:
 
 
 def check_config(path: str) -> Optional[str]:
-    """Refuse the retired config form; returns the config's ``default_scope``."""
+    """Load the config with the integration imported, so a retired top-level ``adapter=`` is refused
+    (:func:`visadapt.integrations.openmmlab.refuse_top_level_adapter`); returns its ``default_scope``."""
     from mmengine.config import Config
+
+    import visadapt.integrations.openmmlab  # noqa: F401  (installs the config check)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'config {path!r} not found')
-    cfg = Config.fromfile(path)
-    if 'adapter' in cfg or cfg.get('runner_type') == 'VisadaptRunner':
-        raise ValueError(f"{path}: a top-level adapter= (and runner_type='VisadaptRunner') is no longer read, so "
-                         f"the stock runner would train without the adapter; put it in the model: model = dict("
-                         f"type='AdaptedModel', model_type=<the model's type, e.g. 'MaskRCNN'>, adapter=dict(type="
-                         f"'FLoRA', ...)) and drop runner_type")
+    try:
+        cfg = Config.fromfile(path)
+    except ValueError as err:
+        raise ValueError(f'{path}: {err}') from None
+    if cfg.get('runner_type') == 'VisadaptRunner':
+        raise ValueError(f"{path}: runner_type='VisadaptRunner' was retired; the adapter is part of the model now: "
+                         f"model = dict(type='AdaptedModel', model_type=<the model's type>, adapter=dict(...))")
     return cfg.get('default_scope')
 
 

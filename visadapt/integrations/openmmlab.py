@@ -40,7 +40,9 @@ which is ``weights_only=True`` since torch 2.6 and refuses the message-hub objec
 holds, so mmengine's local checkpoint loader is re-registered to allow exactly those classes (:data:`MMENGINE_GLOBALS`,
 still ``weights_only``); and under ``torchrun`` on a machine without CUDA the gloo process group is initialized
 before mmengine's ``pytorch`` launcher would call ``torch.cuda.set_device`` (:func:`init_cpu_process_group`; the
-smoke configs also set ``model_wrapper_cfg`` with ``device_ids=None``, which DDP needs for a CPU model).
+smoke configs also set ``model_wrapper_cfg`` with ``device_ids=None``, which DDP needs for a CPU model). And, never
+silent: once this module is imported, a config that names an ``adapter`` outside ``cfg.model`` (which no runner or
+inference API would apply) fails to load with the fix in the message (:func:`refuse_top_level_adapter`).
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ import torch
 import torch.nn as nn
 
 try:
+    from mmengine.config import Config
     from mmengine.dist import broadcast
     from mmengine.hooks import Hook
     from mmengine.logging import print_log
@@ -92,7 +95,7 @@ from ..core import (
 
 __all__ = ['TimmBackbone', 'build_adapted_model', 'AdapterStatsHook', 'resolve_adapter_config', 'checkpoint_metadata',
            'check_adapter_checkpoint', 'full_state_dict', 'rebuild_adapters', 'stage_of', 'delta_weight_norms',
-           'trainable_by_stage', 'init_cpu_process_group', 'ADAPTED_MODEL', 'STATE_META_KEY', 'MMENGINE_GLOBALS',
+           'trainable_by_stage', 'init_cpu_process_group', 'refuse_top_level_adapter', 'ADAPTED_MODEL', 'STATE_META_KEY', 'MMENGINE_GLOBALS',
            'REGISTERED_IN']
 
 #: the registered type name of :func:`build_adapted_model`
@@ -612,3 +615,33 @@ def init_cpu_process_group() -> bool:
 
 
 init_cpu_process_group()
+
+
+# ---- never silent: a top-level adapter no runner or API would read ---------------------------------------------------
+def refuse_top_level_adapter(cfg_dict: Mapping[str, Any]) -> None:
+    """Raise ValueError when a config names an adapter outside ``cfg.model``.
+
+    mmengine's runners and the toolboxes' inference APIs build ``cfg.model`` only: a top-level ``adapter=...`` (this
+    integration's earlier form) would be ignored and the whole model trained or evaluated without it.
+    """
+    if 'adapter' in cfg_dict:
+        model_type = (cfg_dict.get('model') or {}).get('type', '<the model type>')
+        raise ValueError(f"this config sets a top-level adapter={dict(cfg_dict['adapter'])!r}, which mmengine's "
+                         f"runners and the inference APIs never read (the model would run without it); move it into "
+                         f"the model: model = dict(type='{ADAPTED_MODEL}', model_type={model_type!r}, adapter=dict(...)) "
+                         f"(and drop a runner_type='VisadaptRunner')")
+
+
+def _checking_config_init(init: Any) -> Any:
+    """mmengine's ``Config.__init__`` followed by :func:`refuse_top_level_adapter` (every config is built by it after
+    its ``custom_imports`` were imported, so configs that import this module are all checked)."""
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        refuse_top_level_adapter(self._cfg_dict)
+    wrapped.__wrapped__ = init
+    wrapped.__visadapt_checks_adapter__ = True
+    return wrapped
+
+
+if not getattr(Config.__init__, '__visadapt_checks_adapter__', False):
+    Config.__init__ = _checking_config_init(Config.__init__)
