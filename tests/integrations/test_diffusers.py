@@ -196,6 +196,19 @@ def test_resume_latest_without_a_checkpoint_starts_fresh_and_other_flags_train(t
     _check_merged_unet(os.path.join(out, 'export', 'merged_unet'), pipe, tiny_sdxl)
 
 
+def test_methods_without_a_lora_form_need_no_lora_weights(tiny_sdxl, clipart, tmp_path):
+    """(IA)³ has no LoRA form: refused at start (naming the layer) unless --no_lora_weights; then visadapt's format."""
+    argv = ['--pretrained_model_name_or_path', tiny_sdxl, '--train_data_dir', clipart, '--resolution', '32',
+            '--train_batch_size', '1', '--max_train_steps', '1', '--conv_method', 'none', '--attn_method', 'IA3',
+            '--report_to', 'none', '--cache_dir', str(tmp_path / 'cache')]
+    with pytest.raises(ValueError, match=r'unet\..*to_q cannot be written as a diffusers LoRA.*--no_lora_weights'):
+        _train([*argv, '--output_dir', str(tmp_path / 'refused')])
+    out = str(tmp_path / 'run')
+    assert _train([*argv, '--output_dir', out, '--no_lora_weights'])['steps'] == 1
+    assert os.path.isfile(os.path.join(out, 'adapter', 'unet', 'attn', 'adapter_config.json'))
+    assert not os.path.exists(os.path.join(out, vd.DIFFUSERS_LORA_NAME))
+
+
 def _check_merged_unet(path: str, pipe, tiny_sdxl: str) -> None:
     from diffusers import UNet2DConditionModel
     merged = UNet2DConditionModel.from_pretrained(path)
@@ -420,12 +433,15 @@ def test_kohya_tucker_locon_rebuilds_exactly_in_lycoris(adapted):
 
 
 def test_kohya_dora_scale_and_full_diff_rebuild_in_lycoris(tiny_sdxl):
-    """DoRA → dora_scale (diffusers' SDXL loader drops it, so LyCORIS' rebuild checks it); (IA)³ → full diff."""
+    """DoRA → dora_scale (diffusers' SDXL loader drops it, so LyCORIS' rebuild checks it); (IA)³ → full diff, BitFit
+    → diff and diff_b (its bias update)."""
     from diffusers import UNet2DConditionModel
     from lycoris.modules import get_module, make_module
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder='unet')
     visadapt.inject(unet, vd.target_config(unet, 'attention', 'DoRA', r=2), name='attn')
     visadapt.inject(unet, visadapt.IA3Config(target_types=['Conv2d'], include=['conv_out']), name='ia3')
+    visadapt.inject(unet, visadapt.get_config_class('BitFit')(target_types=['Conv2d'], include=['conv_in']),
+                    name='bias')
     _randomize(unet)
     state = kf.kohya_state_dict({'unet': unet})
     checked = 0
@@ -433,12 +449,16 @@ def test_kohya_dora_scale_and_full_diff_rebuild_in_lycoris(tiny_sdxl):
         key = 'lora_unet_' + kf.sgm_module_names(unet, [layer_name])[layer_name].replace('.', '_')
         algo, params = get_module(state, key)
         lyco = make_module(algo, params, key, module)
-        merged = lyco.get_merged_weight()[0]
-        torch.testing.assert_close(merged, module.adapted_params(torch.float32)[0], rtol=1e-5, atol=1e-5)
+        weight, bias = lyco.get_merged_weight()
+        expected_weight, expected_bias = module.adapted_params(torch.float32)
+        torch.testing.assert_close(weight, expected_weight, rtol=1e-5, atol=1e-5)
+        if f'{key}.diff_b' in state:
+            torch.testing.assert_close(bias, expected_bias, rtol=1e-5, atol=1e-6)
         checked += 1
     assert state['lora_unet_out_2.diff'].shape == unet.conv_out.weight.shape
+    assert 'lora_unet_input_blocks_0_0.diff_b' in state and 'lora_unet_out_2.diff_b' not in state
     assert state['lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.dora_scale'].shape == (64, 1)
-    assert checked == 97  # 96 DoRA attention projections + conv_out
+    assert checked == 98  # 96 DoRA attention projections, conv_out, conv_in
 
 
 def test_diffusers_lora_file_holds_dora_and_mixed_ranks(tiny_sdxl, tmp_path):

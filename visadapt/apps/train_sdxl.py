@@ -305,7 +305,10 @@ def load_models(args: argparse.Namespace, accelerator) -> Models:
 
 def inject_adapters(args: argparse.Namespace, unet, text_encoders) -> List[Any]:
     """The ``conv`` and ``attn`` adapters (rank from --conv_rank/--attn_rank or --rank, or from a budget)."""
+    import dataclasses
+
     import visadapt
+    from visadapt.core import get_config_class
     from visadapt.core.budget import match_budget
     from visadapt.integrations import diffusers_pipelines as vd
     conv_options = args.conv_options
@@ -319,8 +322,9 @@ def inject_adapters(args: argparse.Namespace, unet, text_encoders) -> List[Any]:
     for name, method, rank, budget, options, targets in plan:
         if method.lower() == 'none':
             continue
+        ranked = 'r' in {f.name for f in dataclasses.fields(get_config_class(method))}  # (IA)³, BitFit: no rank
         for model, preset in targets:
-            config = vd.target_config(model, preset, method, r=rank, **options)
+            config = vd.target_config(model, preset, method, **{**({'r': rank} if ranked else {}), **options})
             if budget is not None and model is unet:
                 config = match_budget(model, config, budget, at_most=True).config
             reports.append(visadapt.inject(model, config, name=name))
@@ -750,6 +754,8 @@ def validate(run: Run, epoch: int, pipeline=None, final: bool = False) -> List[s
     import numpy as np
     from diffusers import StableDiffusionXLPipeline
     args, accelerator = run.args, run.accelerator
+    if args.num_validation_images == 0:
+        return []
     if pipeline is None:
         pipeline = StableDiffusionXLPipeline.from_pretrained(
             args.pretrained_model_name_or_path, vae=run.models.vae, torch_dtype=run.models.weight_dtype,

@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..core import Factors, atomic_write_bytes
+from ..core import Factors, atomic_write_bytes, fold_adapters
 from .diffusers_pipelines import adapted_layers, export_module_path, layer_factors, pipeline_components
 
 __all__ = ['KOHYA_PREFIXES', 'UNET_NAMINGS', 'sgm_module_names', 'kohya_state_dict', 'save_kohya']
@@ -132,17 +132,21 @@ def _factored_tensors(form: Factors, tucker: bool) -> Dict[str, torch.Tensor]:
 
 
 def _full_tensors(module: nn.Module, adapters: Sequence[str], where: str) -> Dict[str, torch.Tensor]:
-    """LyCORIS' full form: ``diff`` = W' − W and, when the adapters change the bias, ``diff_b`` = b' − b."""
+    """LyCORIS' full form of adapters ``adapters`` (only those): ``diff`` = W' − W and, when they change the bias,
+    ``diff_b`` = b' − b, folded in float32 from the layer's base weight."""
     for name in adapters:
         adapter = module.visadapt[name]
         if not adapter.mergeable:
             raise ValueError(f'adapter {name!r} on {where} ({adapter.config.method}) cannot be exported: '
                              f'{adapter.why_not_mergeable()}')
-    weight, bias = module.base_params()
-    adapted_weight, adapted_bias = module.adapted_params(torch.float32)
-    tensors = {'diff': adapted_weight - weight.detach().to(adapted_weight)}
-    if bias is not None and not torch.equal(adapted_bias, bias.detach().to(adapted_bias)):
-        tensors['diff_b'] = adapted_bias - bias.detach().to(adapted_bias)
+        if module.is_merged(name):
+            raise ValueError(f'adapter {name!r} is merged into {where}, so its base weight is not at hand; '
+                             f'unmerge it (visadapt.unmerge) before exporting it as a full diff')
+    weight, bias = (None if t is None else t.detach().float() for t in module.base_params())
+    adapted_weight, adapted_bias = fold_adapters([module.visadapt[n] for n in adapters], weight, bias)
+    tensors = {'diff': adapted_weight - weight}
+    if bias is not None and not torch.equal(adapted_bias, bias):
+        tensors['diff_b'] = adapted_bias - bias
     return tensors
 
 
