@@ -111,6 +111,7 @@ class RetrievalSetting(Setting):
         self.variants = _select(ATTENTION_VARIANTS, settings.methods)
         self.reference = self.variants[0].label
         self.model: Any = None
+        self.preprocess: Any = None
         self.pad = 0
         #: split -> (image features (N_img, C), tokens (N_txt, L), each caption's image index (N_txt,))
         self.data: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -133,7 +134,7 @@ class RetrievalSetting(Setting):
         rest, val = retrieval.split_by_image(rest, s.val_images / len(rest), s.split_seed)
         return {'train': rest[:s.train_images], 'val': val, 'test': test}
 
-    def _features(self, bundle: Any, paths: List[str], cache: Optional[str]) -> torch.Tensor:
+    def _features(self, paths: List[str], cache: Optional[str]) -> torch.Tensor:
         """Pooled image-trunk features of ``paths`` (cached in ``cache`` when given)."""
         from PIL import Image
         from safetensors.torch import load_file, save
@@ -150,7 +151,7 @@ class RetrievalSetting(Setting):
                 batch = []
                 for p in paths[i:i + 64]:
                     with Image.open(p) as image:
-                        batch.append(bundle.preprocess_val(image))
+                        batch.append(self.preprocess(image))
                 out.append(self.model.visual.trunk(torch.stack(batch)))
         feats = torch.cat(out).contiguous()
         if path:
@@ -169,11 +170,12 @@ class RetrievalSetting(Setting):
         extra = {'force_image_size': self.s.image_size} if self.s.image_size else {}
         bundle = vclip.create_clip(config_path=self.s.model_config, pretrained_image='packaged', **extra)
         self.model = bundle.model.eval()
+        self.preprocess = bundle.preprocess_val
         self.pad = int(getattr(getattr(self.model.text, 'config', None), 'pad_token_id', 0) or 0)
         for split, items in self._splits().items():
             captions = [c for _, caps in items for c in caps]
             text_image = torch.tensor([i for i, (_, caps) in enumerate(items) for _ in caps], dtype=torch.long)
-            feats = self._features(bundle, [p for p, _ in items], cache)
+            feats = self._features([p for p, _ in items], cache)
             self.data[split] = (feats, bundle.tokenizer(captions), text_image)
             self.counts[split] = {'images': len(items), 'captions': len(captions)}
 
@@ -190,6 +192,9 @@ class RetrievalSetting(Setting):
 
     def wants_curve(self, row: Row) -> bool:
         return row.label == self.reference
+
+    def withhold(self, split: str) -> None:
+        self.data.pop(split, None)
 
     def _score(self, split: str) -> Dict[str, float]:
         """R@1/5/10 both ways and their sum on ``split`` (model in eval mode for it, then back to training)."""
@@ -210,23 +215,23 @@ class RetrievalSetting(Setting):
         report = inject(self.model, self.make_config(spec), name='qv')
         return report, [p for p in self.model.parameters() if p.requires_grad]
 
-    def train(self, row: Row, lr: float, seed: int, splits: Sequence[str], curve: bool, folder: str
-              ) -> Dict[str, Any]:
+    def train(self, row: Row, lr: float, seed: int, splits: Sequence[str], curve: bool, folder: str,
+              scale: float = 1.0) -> Dict[str, Any]:
         from open_clip_train.scheduler import cosine_lr
 
         from visadapt.apps import retrieval
         from visadapt.core import regularization_loss
         report, params = self._adapt(row.spec, seed)
         feats, tokens, text_image = self.data['train']
-        per_epoch = len(text_image) // self.s.batch_size
-        total = per_epoch * self.s.epochs
+        per_epoch, epochs = len(text_image) // self.s.batch_size, round(self.s.epochs * scale)
+        total = per_epoch * epochs
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         schedule = cosine_lr(optimizer, lr, self.s.warmup, total)
         every = max(1, total // CURVE_POINTS)
         history = [{'step': 0, 'val': self._score('val')}] if curve else []
         losses: List[float] = []
         self.model.train()
-        for epoch in range(self.s.epochs):
+        for epoch in range(epochs):
             order = torch.randperm(len(text_image), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
             for b in range(per_epoch):
                 idx = order[b * self.s.batch_size:(b + 1) * self.s.batch_size]

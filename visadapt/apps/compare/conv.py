@@ -140,8 +140,10 @@ class ConvSetting(Setting):
     def settings(self) -> Dict[str, Any]:
         return {'kind': 'conv', **asdict(self.s), 'variants': [asdict(v) for v in self.variants]}
 
-    def run_args(self, spec: Dict[str, Any], lr: float, seed: int, folder: str) -> argparse.Namespace:
-        """The classification trainer's arguments for one run (its ``short`` recipe, this setting's sizes)."""
+    def run_args(self, spec: Dict[str, Any], lr: float, seed: int, folder: str, scale: float = 1.0
+                 ) -> argparse.Namespace:
+        """The classification trainer's arguments for one run (its ``short`` recipe, this setting's sizes, the
+        schedule ``scale`` times as long)."""
         import os
 
         from visadapt.apps import train_classifier as classify
@@ -150,7 +152,7 @@ class ConvSetting(Setting):
         weights = ['--pretrained', 'packaged'] if s.pretrained == 'packaged' else []
         return classify.parse_args([
             '--preset', 'short', '--model', s.model, *weights, '--dataset', s.data, '--img-size', str(s.image_size),
-            '--batch-size', str(s.batch_size), '--lr', repr(lr), '--epochs', str(s.epochs), '--adapter',
+            '--batch-size', str(s.batch_size), '--lr', repr(lr), '--epochs', str(round(s.epochs * scale)), '--adapter',
             json.dumps(spec), '--seed', str(seed), '--data-seed', str(s.data_seed), '--workers', '0',
             '--train-size', str(train_size), '--eval-size', str(s.batch_size), '--log-interval', '1000000',
             '--channels-last', '--output', os.path.dirname(folder), '--experiment', os.path.basename(folder)])
@@ -213,6 +215,9 @@ class ConvSetting(Setting):
     def wants_curve(self, row: Row) -> bool:
         return row.label in CURVE_LABELS
 
+    def withhold(self, split: str) -> None:
+        self.tensors.pop(split, None)
+
     def _score(self, tr: Any, split: str) -> Dict[str, float]:
         from visadapt.apps import train_classifier as classify
         images, labels = self.tensors[split]
@@ -220,10 +225,10 @@ class ConvSetting(Setting):
                                     channels_last=tr.args.channels_last)
         return {'accuracy': float(metrics['top1']), 'loss': float(metrics['loss'])}
 
-    def train(self, row: Row, lr: float, seed: int, splits: Sequence[str], curve: bool, folder: str
-              ) -> Dict[str, Any]:
+    def train(self, row: Row, lr: float, seed: int, splits: Sequence[str], curve: bool, folder: str,
+              scale: float = 1.0) -> Dict[str, Any]:
         from visadapt.apps import train_classifier as classify
-        tr = classify.setup(self.run_args(row.spec, lr, seed, folder))
+        tr = classify.setup(self.run_args(row.spec, lr, seed, folder, scale))
         if tr.data_config != self.data_config:
             raise RuntimeError(f'the run expects data config {tr.data_config}, the tensors were made with '
                                f'{self.data_config}')

@@ -11,6 +11,9 @@ knows its data, model and methods; this module only schedules runs and keeps the
    run whose loss became NaN/Inf is a finished run that *diverged* (never chosen).
 2. **seeds**: the method trains once per seed at the chosen rate and is scored on the validation and test splits. A
    seed sets the initialization and the data order, the same for every method (the paired comparison relies on it).
+3. **check** (rows whose seed runs record validation curves: the baselines whose convergence the schedule must
+   show): one more run at the chosen rate with a schedule ``check_scale`` times as long (first seed, validation
+   only), so the table can say how much a longer schedule would still have gained.
 
 Every finished run leaves ``runs/<method>/<phase>-lr<rate>-seed<seed>/metrics.json`` (written atomically, with the
 run's identity), so a killed comparison continues where it stopped: finished runs are reused, never retrained.
@@ -65,12 +68,15 @@ class Protocol:
     seeds: Sequence[int] = (1, 2, 3, 4, 5)
     jobs: int = 2
     threads: int = 1
+    check_scale: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.points < 1 or self.factor <= 1.0 or self.extend < 0 or self.jobs < 1 or self.threads < 1:
-            raise ValueError(f'protocol: points >= 1, factor > 1, extend >= 0, jobs >= 1 and threads >= 1 are '
-                             f'needed; got points={self.points}, factor={self.factor}, extend={self.extend}, '
-                             f'jobs={self.jobs}, threads={self.threads}')
+        if (self.points < 1 or self.factor <= 1.0 or self.extend < 0 or self.jobs < 1 or self.threads < 1
+                or not (self.check_scale == 0 or self.check_scale > 1)):
+            raise ValueError(f'protocol: points >= 1, factor > 1, extend >= 0, jobs >= 1, threads >= 1 and '
+                             f'check_scale > 1 (or 0: no check) are needed; got points={self.points}, '
+                             f'factor={self.factor}, extend={self.extend}, jobs={self.jobs}, threads={self.threads}, '
+                             f'check_scale={self.check_scale}')
         if len(set(self.seeds)) != len(self.seeds) or len(self.seeds) < 2:
             raise ValueError(f'seeds: at least 2 distinct seeds are needed for an interval, got {list(self.seeds)}')
         if self.sweep_seed in self.seeds:
@@ -103,16 +109,20 @@ class Setting:
         """(budget, rows): the budget-matched spec of every variant."""
         raise NotImplementedError
 
-    def train(self, row: Row, lr: float, seed: int, splits: Sequence[str], curve: bool, folder: str
-              ) -> Dict[str, Any]:
-        """One run in a child process (its files in ``folder``): ``{split: {metric: ...}}`` for each of ``splits``,
-        ``adapter_params``, ``trainable_params``, ``steps``, and with ``curve`` the validation scores during
-        training (``curve``: ``[{'step', 'val'}]``)."""
+    def train(self, row: Row, lr: float, seed: int, splits: Sequence[str], curve: bool, folder: str,
+              scale: float = 1.0) -> Dict[str, Any]:
+        """One run in a child process (its files in ``folder``; a schedule ``scale`` times as long as the
+        setting's): ``{split: {metric: ...}}`` for each of ``splits``, ``adapter_params``, ``trainable_params``,
+        ``steps``, and with ``curve`` the validation scores during training (``curve``: ``[{'step', 'val'}]``)."""
         raise NotImplementedError
 
     def wants_curve(self, row: Row) -> bool:
         """Whether this row's seed runs record a validation curve (evaluations during training)."""
         return False
+
+    def withhold(self, split: str) -> None:
+        """Drop ``split``'s data from this process (a sweep run's child drops the test split before training)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -122,13 +132,15 @@ class Job:
     phase: str
     lr: float
     seed: int
+    scale: float = 1.0
 
     @property
     def splits(self) -> Tuple[str, ...]:
-        return ('val',) if self.phase == 'sweep' else ('val', 'test')
+        return ('val', 'test') if self.phase == 'seeds' else ('val',)
 
     def folder(self) -> str:
-        return os.path.join('runs', slug(self.label), f'{self.phase}-lr{self.lr:.3g}-seed{self.seed}')
+        phase = self.phase if self.scale == 1.0 else f'{self.phase}-x{self.scale:g}'
+        return os.path.join('runs', slug(self.label), f'{phase}-lr{self.lr:.3g}-seed{self.seed}')
 
 
 def slug(label: str) -> str:
@@ -214,6 +226,7 @@ class _RowState:
     chosen: Optional[float] = None
     edge: Optional[str] = None
     runs: Dict[int, Dict[str, Any]] = field(default_factory=dict)
+    check: Optional[Dict[str, Any]] = None
     failed: List[str] = field(default_factory=list)
 
 
@@ -224,10 +237,12 @@ def _child(setting: Setting, job: Job, row: Row, folder: str, threads: int, iden
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     torch.set_num_threads(threads)
+    if 'test' not in job.splits:  # a sweep run cannot read what it must not see
+        setting.withhold('test')
     cpu, wall = time.process_time(), time.time()
     try:
-        result = setting.train(row, job.lr, job.seed, job.splits,
-                               curve=job.phase == 'seeds' and setting.wants_curve(row), folder=folder)
+        result = setting.train(row, job.lr, job.seed, job.splits, curve=job.phase != 'sweep' and
+                               setting.wants_curve(row), folder=folder, scale=job.scale)
     except FloatingPointError as err:  # the trainers' signal for a NaN/Inf loss: a finished run that diverged
         result = {'diverged': str(err)}
     result.update(identity=identity, cpu_seconds=time.process_time() - cpu, wall_seconds=time.time() - wall)
@@ -246,13 +261,16 @@ class _Scheduler:
         self.queue = [Job(s.row.label, 'sweep', lr, protocol.sweep_seed) for s in self.states.values() for lr in s.grid]
         self.reused = 0
 
+    def _checked(self, state: _RowState) -> bool:
+        return self.protocol.check_scale > 0 and self.setting.wants_curve(state.row)
+
     def total(self) -> int:
-        return sum(len(s.grid) + (len(self.protocol.seeds) if not s.failed else len(s.runs))
+        return sum(len(s.grid) + (len(self.protocol.seeds) + self._checked(s) if not s.failed else len(s.runs))
                    for s in self.states.values())
 
     def identity(self, job: Job) -> Dict[str, Any]:
         return {'setting': self.fingerprint, 'label': job.label, 'spec': self.states[job.label].row.spec,
-                'phase': job.phase, 'lr': job.lr, 'seed': job.seed}
+                'phase': job.phase, 'lr': job.lr, 'seed': job.seed, 'scale': job.scale}
 
     def _reuse(self, job: Job) -> Optional[Dict[str, Any]]:
         """The finished run's metrics, or None when it has not finished; another run's metrics are an error."""
@@ -301,10 +319,16 @@ class _Scheduler:
         state = self.states[job.label]
         if metrics is None:
             log = os.path.join(self.out_dir, job.folder(), 'run.log')
-            state.failed.append(f'{job.phase} run at lr {job.lr:g}, seed {job.seed} failed (exit {exitcode}; see {log})')
-            bar.write(f'{self.setting.name}: {job.label}: {state.failed[-1]}')
+            failure = f'{job.phase} run at lr {job.lr:g}, seed {job.seed} failed (exit {exitcode}; see {log})'
+            bar.write(f'{self.setting.name}: {job.label}: {failure}')
+            if job.phase == 'check':  # a diagnostic: the row's results stand without it
+                state.check = {'failed': failure}
+            else:
+                state.failed.append(failure)
         elif job.phase == 'sweep':
             state.sweep_runs[job.lr] = metrics
+        elif job.phase == 'check':
+            state.check = metrics
         else:
             state.runs[job.seed] = metrics
         if job.phase == 'sweep' and all(lr in state.sweep_runs for lr in state.grid):
@@ -332,6 +356,8 @@ class _Scheduler:
             return
         state.chosen, state.edge = best, edge
         self.queue.extend(Job(state.row.label, 'seeds', best, seed) for seed in self.protocol.seeds)
+        if self._checked(state):
+            self.queue.append(Job(state.row.label, 'check', best, self.protocol.seeds[0], self.protocol.check_scale))
 
 
 def _val_score(metrics: Dict[str, Any], metric: str) -> Optional[float]:
@@ -365,7 +391,7 @@ def _row_result(state: _RowState, protocol: Protocol) -> Dict[str, Any]:
               'cpu_seconds': m['cpu_seconds']} for lr, m in sorted(state.sweep_runs.items())]
     return {**dataclasses.asdict(state.row), 'sweep': sweep, 'chosen_lr': state.chosen, 'edge': state.edge,
             'extended': state.extended, 'runs': [state.runs[s] for s in protocol.seeds if s in state.runs],
-            'failed': state.failed}
+            'check': state.check, 'failed': state.failed}
 
 
 def run_setting(setting: Setting, protocol: Protocol, out_dir: str, plan_only: bool = False,

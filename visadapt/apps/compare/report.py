@@ -20,7 +20,7 @@ from visadapt.core import atomic_write_bytes
 
 from .stats import mean_ci, paired_difference, verdict
 
-__all__ = ['summarize', 'markdown_table', 'write_setting', 'write_plots', 'CLAIMS', 'claim_lines', 'study_markdown',
+__all__ = ['summarize', 'markdown_table', 'convergence_text', 'write_setting', 'write_plots', 'CLAIMS', 'claim_lines', 'study_markdown',
            'update_marked_section', 'write_docs', 'BEGIN', 'END', 'METRIC_TITLES']
 
 METRIC_TITLES = {'accuracy': 'test accuracy (%)', 'sum': 'test Sum of R@1/5/10, both ways'}
@@ -51,12 +51,40 @@ def summarize(result: Dict[str, Any]) -> List[Dict[str, Any]]:
                  trainable_params=row['runs'][0]['trainable_params'] if row.get('runs') else None)
         complete = sorted(scores) == sorted(seeds) and not s['failed']
         s['test'] = mean_ci([scores[k] for k in seeds]) if complete else None
+        s['check'] = _check(row, metric)
         s['diff'] = None
         if complete and row['label'] != result['reference'] and sorted(ref) == sorted(seeds):
             s['diff'] = paired_difference([scores[k] for k in seeds], [ref[k] for k in seeds])
             s['diff']['verdict'] = verdict(s['diff'])
         out.append(s)
     return out
+
+
+def _check(row: Dict[str, Any], metric: str) -> Optional[Dict[str, Any]]:
+    """The convergence check against the same seed's run: validation scores and steps of both, or None."""
+    check = row.get('check')
+    if not check or 'val' not in check:
+        return {'failed': check.get('failed') or check.get('diverged')} if check else None
+    seed = check['identity']['seed']
+    base = next((r for r in row.get('runs', []) if r['identity']['seed'] == seed), None)
+    if base is None:
+        return None
+    return {'seed': seed, 'scale': check['identity']['scale'], 'steps': base['steps'], 'val': base['val'][metric],
+            'long_steps': check['steps'], 'long_val': check['val'][metric],
+            'gain': check['val'][metric] - base['val'][metric]}
+
+
+def convergence_text(summary: List[Dict[str, Any]], metric: str) -> str:
+    """One sentence on the convergence checks (empty when there are none)."""
+    checks = [(s['label'], s['check']) for s in summary if s.get('check')]
+    if not checks:
+        return ''
+    parts = [f"{label} {c['val']:.2f} after {c['steps']} steps, {c['long_val']:.2f} after {c['long_steps']} "
+             f"({c['gain']:+.2f})" if 'gain' in c else f"{label}: the check run failed ({c['failed']})"
+             for label, c in checks]
+    done = next((c for _, c in checks if 'gain' in c), None)
+    how = f"seed {done['seed']}, a schedule {done['scale']:g} times as long" if done else 'no check finished'
+    return f'Convergence check (validation {metric} at the chosen rate; {how}): ' + '; '.join(parts) + '.'
 
 
 def _fields(spec: Dict[str, Any]) -> str:
@@ -148,6 +176,11 @@ def _curves_figure(result: Dict[str, Any]) -> Optional[bytes]:
             ax1.plot(steps, v, color=f'C{i}', lw=0.6, alpha=0.4)
         ax1.plot(steps, values.mean(axis=0), 'o-', color=f'C{i}', lw=1.8,
                  label=f"{row['label']} (lr {row['chosen_lr']:.3g}, {len(runs)} seeds)")
+        check = row.get('check') or {}
+        if check.get('curve'):
+            ax1.plot([p['step'] for p in check['curve']], [p['val'][metric] for p in check['curve']], 's--',
+                     color=f'C{i}', lw=1.0, label=f"{row['label']}: {check['identity']['scale']:g}× the schedule "
+                                                  f"(seed {check['identity']['seed']})")
         loss = np.array([[p[1] for p in run['train_loss']] for run in runs])
         ax2.plot([p[0] for p in runs[0]['train_loss']], loss.mean(axis=0), color=f'C{i}', label=row['label'])
     ax1.set_xlabel('step')
@@ -201,7 +234,8 @@ def write_setting(result: Dict[str, Any], folder: str) -> Dict[str, Any]:
     os.makedirs(folder, exist_ok=True)
     atomic_write_bytes(os.path.join(folder, 'results.json'),
                        json.dumps({**result, 'summary': summary}, indent=1).encode())
-    text = f"### {result['setting']}\n\n{_describe(result)}\n\n{markdown_table(result, summary)}\n"
+    text = (f"### {result['setting']}\n\n{_describe(result)}\n\n{markdown_table(result, summary)}\n\n"
+            f"{convergence_text(summary, result['metric'])}\n")
     atomic_write_bytes(os.path.join(folder, 'results.md'), text.encode())
     write_plots(result, summary, folder)
     return {'markdown': text, 'summary': summary}
@@ -266,7 +300,8 @@ def study_markdown(results: Sequence[Dict[str, Any]], images: Dict[str, List[str
     out = []
     for result in results:
         summary = summarize(result)
-        out += [f"**{result['setting']}**: {_describe(result)}", '', markdown_table(result, summary), '']
+        out += [f"**{result['setting']}**: {_describe(result)}", '', markdown_table(result, summary), '',
+                convergence_text(summary, result['metric']), '']
         for path in images.get(result['setting'], []):
             name = os.path.splitext(os.path.basename(path))[0].split('--')[-1]
             out += [f'![{result["setting"]}: {name}]({os.path.relpath(path, where)})', '']
