@@ -251,7 +251,21 @@ def test_push_to_hub_offline_and_8bit_adam_without_bitsandbytes_refuse(monkeypat
         train_sdxl.parse_args(['--pretrained_model_name_or_path', 'unused'])
 
 
+#: every flag of the example's parse_args (diffusers main, examples/text_to_image/train_text_to_image_lora_sdxl.py)
+EXAMPLE_FLAGS = '''
+pretrained_model_name_or_path pretrained_vae_model_name_or_path revision variant dataset_name dataset_config_name
+train_data_dir image_column caption_column validation_prompt num_validation_images validation_epochs
+max_train_samples output_dir cache_dir seed resolution center_crop random_flip train_text_encoder train_batch_size
+num_train_epochs max_train_steps checkpointing_steps checkpoints_total_limit resume_from_checkpoint
+gradient_accumulation_steps gradient_checkpointing learning_rate scale_lr lr_scheduler lr_warmup_steps snr_gamma
+allow_tf32 dataloader_num_workers use_8bit_adam adam_beta1 adam_beta2 adam_weight_decay adam_epsilon max_grad_norm
+push_to_hub hub_token prediction_type hub_model_id logging_dir report_to mixed_precision local_rank
+enable_xformers_memory_efficient_attention enable_npu_flash_attention noise_offset rank debug_loss'''.split()
+
+
 def test_defaults_are_the_examples():
+    flags = {option for action in train_sdxl.build_parser()._actions for option in action.option_strings}
+    assert len(EXAMPLE_FLAGS) == 54 and not {f'--{name}' for name in EXAMPLE_FLAGS} - flags
     args = _args()
     assert (args.train_batch_size, args.num_train_epochs, args.max_train_steps, args.lr_warmup_steps,
             args.report_to, args.resolution, args.rank, args.output_dir, args.logging_dir, args.checkpointing_steps,
