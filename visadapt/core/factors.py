@@ -73,12 +73,13 @@ class Factors:
 def stack_factors(parts: Sequence[Factors]) -> Factors:
     """Several additive updates on one layer as one exact form: ranks concatenated, Tucker cores block-diagonal.
 
-    Raises ValueError for a part with a magnitude (DoRA does not compose additively).
+    Raises ValueError when a part with a magnitude has company (DoRA does not compose additively); alone, it is
+    returned as it is.
     """
-    if any(p.magnitude is not None for p in parts):
-        raise ValueError('a DoRA update (magnitude vector) cannot be combined with other adapters on the same layer')
     if len(parts) == 1:
         return parts[0]
+    if any(p.magnitude is not None for p in parts):
+        raise ValueError('a DoRA update (magnitude vector) cannot be combined with other adapters on the same layer')
     if len({p.mid is None for p in parts}) > 1:
         parts = [p.as_chain() for p in parts]
     down = torch.cat([p.down for p in parts])

@@ -253,9 +253,7 @@ def layer_factors(module: nn.Module, names: Sequence[str]) -> Factors:
     """
     if module.site.groups != 1:
         raise ValueError(f'grouped convs (groups={module.site.groups}) have no LoRA/LoCon form')
-    forms = [module.visadapt[n].factor_form() for n in names]
-    # one adapter is its own form (stack_factors refuses any magnitude, also a DoRA alone)
-    return (forms[0] if len(forms) == 1 else stack_factors(forms)).detached()
+    return stack_factors([module.visadapt[n].factor_form() for n in names]).detached()
 
 
 def adapted_layers(components: Dict[str, nn.Module], names: Optional[Iterable[str]] = None
