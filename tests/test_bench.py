@@ -233,9 +233,11 @@ def test_compile_plumbing(extras_run):
         assert row['compiled_equals_eager'] is True, (row['name'], row['compiled_max_rel_diff'])
         assert row['compile_s'] > 0 and row['compiled_graph_breaks'] == 0
         assert len(row['compiled_step_ms_all']) == 3 and row['compiled_step_ms'] > 0
+        # compiled ÷ eager is against eager steps timed in the same round-robin
+        assert row['compiled_vs_eager'] == pytest.approx(row['compiled_step_ms'] / row['eager_step_ms_paired'])
     assert model['configs'][0]['compiled_vs_base'] == 1.0
     text = (out / 'bench.md').read_text()
-    assert '| compiled ms | compiled × base | compile s |' in text and 'torch.compile(eager)' in text
+    assert '| compiled ms | compiled × base | compiled ÷ eager | compile s |' in text and 'torch.compile(eager)' in text
 
 
 # ---- the UNet workloads -------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ For each configuration: one eager forward + backward at the current parameters g
 gradients (parameters and input); the first compiled forward + backward (which compiles the forward and, via
 AOTAutograd, the backward) is timed as the **compile time** and its output and gradients are compared with the
 reference (``compiled_equals_eager``, like merged = unmerged); then the optimizer steps. The compiled steps are
-timed round-robin after ``--warmup`` repeats. The optimizer step and merged inference stay eager.
+timed round-robin after ``--warmup`` repeats, interleaved with eager steps of the same configurations
+(``eager_step_ms_paired``), so compiled ÷ eager compares steps of the same minutes. The optimizer step and merged
+inference stay eager.
 
 All configurations of a model compile the same top-level ``forward`` code object, each with its own guards, so
 Dynamo's recompile limit (8 entries per code object) is raised for the duration: past it Dynamo would silently run
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -103,6 +106,21 @@ def compile_one(work: Workload, cand: Candidate, args: argparse.Namespace) -> No
     cand.info['compiled_equals_eager'] = bool(diff <= compile_tolerance(args))
 
 
+def _time_paired(work: Workload, cands: List[Candidate], args: argparse.Namespace, clock: Callable[[], float]
+                 ) -> None:
+    """Compiled steps round-robin together with eager steps of the same configurations, so compiled ÷ eager
+    compares steps taken in the same minutes (the eager phase ran earlier, under whatever load the host had then)."""
+    if not cands:
+        return
+    eager: Dict[int, List[float]] = {id(c): [] for c in cands}
+    pairs = [(c, False) for c in cands] + [(c, True) for c in cands]
+    time_round_robin(pairs, lambda pc: train_step(work, pc[0], pc[0].compiled if pc[1] else None),
+                     lambda pc: pc[0].compiled_step_s if pc[1] else eager[id(pc[0])],
+                     args.warmup, args.steps, args.device, clock)
+    for cand in cands:
+        cand.info['eager_step_ms_paired'] = 1e3 * statistics.median(eager[id(cand)])
+
+
 def compile_and_time(work: Workload, cands: List[Candidate], args: argparse.Namespace,
                      clock: Callable[[], float], log: Callable[[str], None]) -> Dict[str, Any]:
     """Compile every configuration, check it, time the compiled steps round-robin; returns the model-level facts."""
@@ -116,10 +134,7 @@ def compile_and_time(work: Workload, cands: List[Candidate], args: argparse.Name
                 f"{cand.info['compile_s']:.1f}s, {cand.info['compiled_graph_breaks']} graph breaks, "
                 f"max rel diff vs eager {cand.info['compiled_max_rel_diff']:.1e}" if 'compile_s' in cand.info
                 else cand.info['compile_error']))
-        ok = [c for c in cands if c.compiled is not None]
-        if ok:
-            time_round_robin(ok, lambda c: train_step(work, c, c.compiled), lambda c: c.compiled_step_s,
-                             args.warmup, args.steps, args.device, clock)
+        _time_paired(work, [c for c in cands if c.compiled is not None], args, clock)
     for cand in cands:
         cand.compiled = None  # the merge check changes the weights in place: no compiled step after this point
     torch._dynamo.reset()

@@ -103,8 +103,8 @@ def _config_table(model: Dict[str, Any], compiled: bool) -> List[str]:
     head = '| configuration | trainable | step ms | × base | × PEFT |'
     rule = '|---|---:|---:|---:|---:|'
     if compiled:
-        head += ' compiled ms | compiled × base | compile s | graph breaks | compiled = eager |'
-        rule += '---:|---:|---:|---:|:---:|'
+        head += ' compiled ms | compiled × base | compiled ÷ eager | compile s | graph breaks | compiled = eager |'
+        rule += '---:|---:|---:|---:|---:|:---:|'
     head += ' peak MB | mem × PEFT | merged infer ms | × base | merged = unmerged | top op (share) |'
     rule += '---:|---:|---:|---:|:---:|---|'
     lines = [head, rule]
@@ -113,9 +113,9 @@ def _config_table(model: Dict[str, Any], compiled: bool) -> List[str]:
         cells = [r['name'], f"{r['trainable']:,}", _fmt(r['step_ms'], '.1f'), _fmt(r['step_vs_base'], '.2f', '×'),
                  _fmt(r['step_vs_peft'], '.2f', '×')]
         if compiled:
-            cells += ([f"failed: {r['compile_error']}", '–', '–', '–', '–'] if r.get('compile_error') else [
+            cells += ([f"failed: {r['compile_error']}", '–', '–', '–', '–', '–'] if r.get('compile_error') else [
                 _fmt(r.get('compiled_step_ms'), '.1f'), _fmt(r.get('compiled_vs_base'), '.2f', '×'),
-                _fmt(r.get('compile_s'), '.1f'), str(r.get('compiled_graph_breaks', '–')),
+                _fmt(r.get('compiled_vs_eager'), '.2f', '×'), _fmt(r.get('compile_s'), '.1f'), str(r.get('compiled_graph_breaks', '–')),
                 _yes(r.get('compiled_equals_eager'), r.get('compiled_max_rel_diff'))])
         cells += [_fmt(r['peak_mb'], '.0f'), _fmt(r['peak_vs_peft'], '.2f', '×'), _fmt(r['infer_ms'], '.1f'),
                   _fmt(r['infer_vs_base'], '.2f', '×'), _yes(r.get('merged_equals_unmerged'), r.get('merge_max_abs_diff')),
