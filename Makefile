@@ -36,3 +36,14 @@ BENCH_COMPILE_OUT ?= out/bench_compile
 bench-compile: setup
 	$(BIN)/visadapt-bench --models convnext_atto@8x96 --methods base,limit,peft,FLoRA --on-peft-layers '' \
 		--rank 8 --warmup 1 --steps 10 --no-path-choice --compile --out $(BENCH_COMPILE_OUT)
+
+# the method comparison study (docs/compare.md): every setting of visadapt/apps/compare/study.py, about an hour on 2
+# idle CPU cores; resumable (after an interruption run it again: finished runs are reused). Then
+# `$(BIN)/visadapt-compare docs $(STUDY_OUT)` writes its tables and claim lines into README.md and docs/compare.md.
+STUDY_OUT ?= runs/study
+STUDY_CAPTIONS ?= runs/clipart-captions
+.PHONY: study
+study: setup
+	test -f $(STUDY_CAPTIONS)/captions.jsonl || $(PY) tools/make_clipart_captions.py --output_dir $(STUDY_CAPTIONS) \
+		--num_images 3000 --resolution 96
+	$(BIN)/visadapt-compare study --captions $(STUDY_CAPTIONS)/captions.jsonl --output-dir $(STUDY_OUT)
