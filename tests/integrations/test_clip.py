@@ -166,7 +166,7 @@ def test_losses_behind_open_clip_train_interface():
     got = triplet(image_features=img, text_features=txt, logit_scale=scale, output_dict=True)
     assert list(got) == ['triplet_loss']
     assert got['triplet_loss'].item() == pytest.approx(triplet_loss(img, txt, margin=0.3).item(), rel=1e-6)
-    args = tool.parse_args(['--train-data', 'x.csv'])
+    args = tool.parse_args([])
     args.rank, args.world_size = 0, 1
     contrastive = tool._loss(args)
     logits = scale * img @ txt.t()
@@ -414,9 +414,15 @@ def test_tool_refuses_what_cannot_work(tiny_config, tmp_path, capsys):
     with pytest.raises(SystemExit):
         tool.parse_args(['--train-data', 'x.csv', '--loss', 'triplet', '--siglip'])
     assert 'contrastive loss' in capsys.readouterr().err
-    assert tool.main(['--model', tiny_config, '--train-data', 'x.csv', '--adapter', '{"method": ', '--logs',
-                      str(tmp_path), '--device', 'cpu']) == 2
-    assert '--adapter is not valid JSON' in capsys.readouterr().err
+    logs = tmp_path / 'logs'
+    for spec, message in (('{"method": ', '--adapter is not valid JSON'), ('{"method": "LoRA", "rank": 2}', 'rank')):
+        assert tool.main(['--model', tiny_config, '--train-data', 'x.csv', '--adapter', spec, '--logs', str(logs),
+                          '--device', 'cpu']) == 2
+        assert message in capsys.readouterr().err
+    assert tool.main(['--model', tiny_config, '--train-data', str(tmp_path / 'missing.csv'), '--logs', str(logs),
+                      '--device', 'cpu']) == 2
+    assert 'missing.csv' in capsys.readouterr().err
+    assert not logs.exists()                                        # refused before any folder is made
 
 
 _RANK_DUMP = """

@@ -72,6 +72,7 @@ from visadapt.core import (  # noqa: E402
     inject,
     is_adapter_key,
     load_adapter,
+    parse_adapter_spec,
     save_adapter,
 )
 from visadapt.integrations import open_clip_models as vclip  # noqa: E402
@@ -166,6 +167,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         problems.append('--load-adapters evaluates saved adapters; drop --train-data (or continue a run with --resume)')
     if args.train_data and args.batch_size < 2:
         problems.append(f'--batch-size must be >= 2 to have in-batch negatives, got {args.batch_size}')
+    for flag in ('train_data', 'val_data'):
+        path = getattr(args, flag)
+        if path and args.dataset_type in ('auto', 'csv') and path.endswith(('.csv', '.tsv')) and not os.path.isfile(path):
+            problems.append(f'--{flag.replace("_", "-")} {path!r}: no such file')
+    for flag in ('adapter', 'conv_adapter'):  # checked before any folder is made or model built
+        try:
+            spec = _adapter_spec(getattr(args, flag), f'--{flag.replace("_", "-")}')
+            setattr(args, f'{flag}_spec', spec)
+            if spec is not None:
+                parse_adapter_spec(spec)
+        except (ValueError, TypeError, OSError) as err:
+            problems.append(str(err))
     if problems:
         parser.error('; '.join(problems))
     args.distill = False
@@ -281,8 +294,7 @@ def _adapt(model: nn.Module, args: argparse.Namespace) -> Dict[str, Dict[str, An
             load_adapter(model, os.path.join(args.load_adapters, name), name=name)
             logging.info(f'loaded adapter {name!r} from {os.path.join(args.load_adapters, name)}')
     else:
-        configs = vclip.retrieval_configs(model, _adapter_spec(args.adapter, '--adapter'),
-                                          _adapter_spec(args.conv_adapter, '--conv-adapter'), args.train_modules)
+        configs = vclip.retrieval_configs(model, args.adapter_spec, args.conv_adapter_spec, args.train_modules)
         for name, config in configs.items():
             logging.info(str(inject(model, config, name=name)))
         names = list(configs)
@@ -626,8 +638,11 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``visadapt-train-clip``: exit status 0; 2 for a bad flag or input (one ``error:`` line on stderr)."""
     try:
         run(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a usage error it has printed (2)
+        return stop.code if isinstance(stop.code, int) else 2
     except (ValueError, FileNotFoundError) as err:
         print(f'visadapt-train-clip: error: {err}', file=sys.stderr)
         return 2
