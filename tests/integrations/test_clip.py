@@ -404,6 +404,20 @@ def test_tool_bf16_on_cpu_keeps_adapters_in_float32(tiny_config, tmp_path, preci
     assert len(up) == 8 and all(p.abs().max() > 0 for p in up)     # q and v of 2 + 2 blocks, both towers
 
 
+def test_tool_siglip_with_a_timm_optimizer_trains_temperature_and_bias(tiny_config, tmp_path):
+    """--siglip (open_clip's SigLIP loss, its initial temperature and bias) with --opt timm/adamw: the checkpoint keeps
+    the learned logit_scale and logit_bias next to the adapter."""
+    from visadapt.apps import train_clip as tool
+    data = _write_csv(tmp_path, 6)
+    result = tool.run(_flags(tiny_config, tmp_path / 'logs', 'siglip', data, None, '--batch-size', '6', '--epochs', '1',
+                             '--siglip', '--opt', 'timm/adamw', '--adapter', '{"method": "LoRA", "r": 2}'))
+    model = result['model']
+    assert model.logit_bias.requires_grad and model.logit_scale.requires_grad
+    blob = torch.load(tmp_path / 'logs' / 'siglip' / 'checkpoints' / 'epoch_1.pt', weights_only=True)
+    assert blob['state_dict']['logit_bias'].item() != -10.0 and blob['state_dict']['logit_scale'].item() != math.log(10)
+    assert {k for k in blob['state_dict'] if 'visadapt' not in k} == {'logit_scale', 'logit_bias'}
+
+
 def test_tool_refuses_what_cannot_work(tiny_config, tmp_path, capsys):
     from visadapt.apps import train_clip as tool
     for flag, message in (('--lock-image', 'freeze every base tensor'), ('--pretrained-image', 'offline'),

@@ -374,10 +374,10 @@ def _optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimi
         extra: Dict[str, Any] = {}
         if args.beta1 is not None or args.beta2 is not None:
             extra['betas'] = (args.beta1, args.beta2)
-        if args.momentum is not None:
-            extra['momentum'] = args.momentum
-        return create_optimizer_v2(model, args.opt.split('timm/')[-1], lr=args.lr, weight_decay=args.wd,
-                                   eps=args.eps, **extra)
+        for key in ('eps', 'momentum'):  # unset: the optimizer's own default (open_clip leaves them None for timm)
+            if getattr(args, key) is not None:
+                extra[key] = getattr(args, key)
+        return create_optimizer_v2(model, args.opt.split('timm/')[-1], lr=args.lr, weight_decay=args.wd, **extra)
     if args.opt.lower() != 'adamw':
         raise ValueError(f"--opt {args.opt!r} is not valid; use 'adamw' or 'timm/<optimizer name>'")
     trainable = [p for p in model.parameters() if p.requires_grad]
