@@ -288,3 +288,25 @@ def test_atomic_write_bytes(tmp_path):
     atomic_write_bytes(str(target), b'one')
     atomic_write_bytes(str(target), b'two')
     assert target.read_bytes() == b'two' and os.listdir(tmp_path) == ['x.bin']
+
+
+def test_train_modules_may_name_a_parameter(tmp_path):
+    """A parameter held directly by a module (open_clip's root ``logit_scale``) trains, saves and loads like a
+    train module, and is one of the adapter's state keys."""
+    def build():
+        torch.random.default_generator.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        model.register_parameter('temperature', nn.Parameter(torch.tensor(2.0)))
+        return model
+    model = build()
+    visadapt.inject(model, visadapt.LoRAConfig(r=2, include=['0'], train_modules=['temperature']))
+    assert model.temperature.requires_grad and not model[1].weight.requires_grad
+    assert 'temperature' in visadapt.core.adapter_state_keys(model)
+    with torch.no_grad():
+        model.temperature.fill_(3.5)
+    visadapt.save_adapter(model, tmp_path / 'a')
+    fresh = build()
+    visadapt.load_adapter(fresh, tmp_path / 'a')
+    assert fresh.temperature.item() == 3.5 and fresh.temperature.requires_grad
+    with pytest.raises(ValueError, match="'nothing' matches no module with parameters.*names no parameter"):
+        visadapt.inject(build(), visadapt.LoRAConfig(r=2, include=['0'], train_modules=['nothing']))

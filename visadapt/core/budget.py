@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig
+from .selection import train_entry_parameters
 from .tuner import adapter_names, get_injection, inject, remove
 
 __all__ = ['budget_field', 'count_adapter_params', 'match_budget', 'BudgetMatch', 'BudgetCounter']
@@ -108,11 +109,10 @@ class BudgetCounter:
 
 
 def _trainable_of(model: nn.Module, names: Iterable[str]) -> int:
-    modules = dict(model.named_modules())
     seen, total = set(), 0
     for name in names:
-        for m in get_injection(model, name).train_modules:
-            for p in modules[m].parameters():
+        for entry in get_injection(model, name).train_modules:
+            for p in train_entry_parameters(model, entry):
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     total += p.numel()

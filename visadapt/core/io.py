@@ -26,6 +26,7 @@ from .._version import __version__
 from .config import AdapterConfig
 from .layer import is_adapter_key, iter_adapted
 from .registry import config_from_dict
+from .selection import train_entry_state
 from .tuner import adapter_names, get_injection, inject, remove
 
 __all__ = ['save_adapter', 'load_adapter', 'adapter_state_dict', 'load_adapter_state_dict', 'adapter_metadata',
@@ -93,11 +94,6 @@ def trained_file_key(base_key: str) -> str:
     return TRAINED_PREFIX + base_key
 
 
-def _trained_prefix(mod_name: str) -> str:
-    """Key prefix of a train module's state; the root module '' (full fine-tuning) has keys ``trained.<base key>``."""
-    return f'{TRAINED_PREFIX}{mod_name}.' if mod_name else TRAINED_PREFIX
-
-
 def adapter_state_dict(model: nn.Module, name: str = 'default') -> Dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors and its train_modules' state, under the file's key scheme (detached, contiguous)."""
     injection = get_injection(model, name)
@@ -105,11 +101,9 @@ def adapter_state_dict(model: nn.Module, name: str = 'default') -> Dict[str, tor
     for layer_name, module in iter_adapted(model, name):
         for key, tensor in module.visadapt[name].state_dict().items():
             state[adapter_file_key(layer_name, key)] = tensor.detach().contiguous()
-    modules = dict(model.named_modules())
-    for mod_name in injection.train_modules:
-        for key, tensor in modules[mod_name].state_dict().items():
-            if not is_adapter_key(key):  # adapters inside a train module are saved as adapters
-                state[_trained_prefix(mod_name) + key] = tensor.detach().contiguous()
+    for entry in injection.train_modules:  # adapters inside a train module are saved as adapters
+        for key, tensor in train_entry_state(model, entry).items():
+            state[trained_file_key(key)] = tensor.detach().contiguous()
     return state
 
 
@@ -120,12 +114,9 @@ def adapter_state_keys(model: nn.Module, names: Optional[Collection[str]] = None
     What a trainer's slim checkpoint keeps (mmengine checkpoints, resume files); the rest is the frozen base.
     """
     names = adapter_names(model) if names is None else list(names)
-    train_modules = {m for n in names for m in get_injection(model, n).train_modules}
-    keys = list(model.state_dict().keys())
-    if '' in train_modules:
-        return keys
-    prefixes = tuple(m + '.' for m in sorted(train_modules))
-    return [k for k in keys if is_adapter_key(k) or (prefixes and k.startswith(prefixes))]
+    entries = {m for n in names for m in get_injection(model, n).train_modules}
+    owned = {key for entry in entries for key in train_entry_state(model, entry)}
+    return [k for k in model.state_dict().keys() if is_adapter_key(k) or k in owned]
 
 
 def adapter_metadata(model: nn.Module, name: str = 'default') -> Dict[str, Any]:
@@ -266,12 +257,9 @@ def load_adapter_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], 
         prefix = f'{ADAPTER_PREFIX}{layer_name}.'
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         module.visadapt[name].load_state_dict(sub, strict=True)
-    modules = dict(model.named_modules())
-    for mod_name in injection.train_modules:
-        prefix = _trained_prefix(mod_name)
-        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        # keys were validated above; only adapter keys of layers inside the module may be absent
-        modules[mod_name].load_state_dict(sub, strict=False)
+    for entry in injection.train_modules:  # keys and shapes were validated above
+        for key, target in train_entry_state(model, entry).items():
+            target.copy_(tensors[trained_file_key(key)])
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], name: Optional[str] = None,

@@ -11,12 +11,13 @@ import dataclasses
 import fnmatch
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 
-from .layer import ADAPTER_ATTR
+from .layer import ADAPTER_ATTR, is_adapter_key
 
-__all__ = ['matches', 'base_named_modules', 'select_targets', 'select_train_modules', 'layer_config', 'slices_for',
-           'examples']
+__all__ = ['matches', 'base_named_modules', 'select_targets', 'select_train_modules', 'train_entry_state',
+           'train_entry_parameters', 'layer_config', 'slices_for', 'examples']
 
 SliceSpec = Union[None, List[str], Dict[str, List[str]]]
 
@@ -102,16 +103,38 @@ def select_targets(model: nn.Module, config) -> List[Tuple[str, nn.Module]]:
 
 
 def select_train_modules(model: nn.Module, patterns: Sequence[str]) -> List[str]:
-    """Names of the modules with parameters that ``patterns`` select (outermost of nested matches)."""
+    """Names of the modules with parameters that ``patterns`` select (outermost of nested matches); a pattern that
+    selects no module may name parameters held directly by a module (e.g. open_clip's root ``logit_scale``)."""
     modules = base_named_modules(model)
+    params = [n for n, _ in model.named_parameters() if not is_adapter_key(n)]
     chosen: List[str] = []
     for pattern in patterns:
         hit = [n for n, m in modules if n and matches(n, pattern) and any(True for _ in m.parameters())]
+        hit = hit or [n for n in params if matches(n, pattern)]
         if not hit:
             raise ValueError(f'train_modules pattern {pattern!r} matches no module with parameters; modules include '
-                             f'{examples([n for n, _ in modules])}')
+                             f'{examples([n for n, _ in modules])} (and it names no parameter)')
         chosen += [n for n in hit if n not in chosen]
     return [n for n in chosen if not any(n.startswith(o + '.') for o in chosen if o != n)]
+
+
+def train_entry_state(model: nn.Module, entry: str) -> Dict[str, torch.Tensor]:
+    """The state of one ``train_modules`` entry under the model's own keys: a module's state (adapter tensors left
+    out; ``''`` is the whole model) or one parameter. The tensors share storage with the model."""
+    try:
+        module = model.get_submodule(entry)
+    except AttributeError:
+        return {entry: model.get_parameter(entry).detach()}
+    prefix = f'{entry}.' if entry else ''
+    return {prefix + k: v for k, v in module.state_dict().items() if not is_adapter_key(k)}
+
+
+def train_entry_parameters(model: nn.Module, entry: str) -> List[nn.Parameter]:
+    """The parameters one ``train_modules`` entry trains."""
+    try:
+        return list(model.get_submodule(entry).parameters())
+    except AttributeError:
+        return [model.get_parameter(entry)]
 
 
 def layer_config(config, name: str):

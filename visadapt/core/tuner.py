@@ -17,7 +17,7 @@ from .attention import check_attention_adapter, sync_attention
 from .config import AdapterConfig, check_adapter_name
 from .layer import attach, detach, is_adapted, iter_adapted
 from .merging import all_or_nothing, check_unmergeable, merge_layer, merge_layers, unmerge_layer, unmerge_layers
-from .selection import layer_config, select_targets, select_train_modules, slices_for
+from .selection import layer_config, select_targets, select_train_modules, slices_for, train_entry_parameters
 from .site import base_weight, site_from_module
 from .slices import build_sliced_adapter
 
@@ -101,10 +101,9 @@ def _freeze_base(model: nn.Module) -> None:
 
 def _unfreeze_train_modules(model: nn.Module) -> None:
     """Make the train_modules of every injected adapter trainable."""
-    modules = dict(model.named_modules())
     for injection in _injections(model).values():
-        for n in injection.train_modules:
-            for p in modules[n].parameters():
+        for entry in injection.train_modules:
+            for p in train_entry_parameters(model, entry):
                 p.requires_grad_(True)
 
 
