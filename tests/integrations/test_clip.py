@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 import visadapt  # noqa: E402
 from visadapt.apps import retrieval  # noqa: E402
@@ -348,6 +349,9 @@ def test_tool_loss_falls_on_a_fixed_batch_and_saved_adapters_reproduce_recall(ti
                                 '--load-adapters', str(adapters)))
     for key in retrieval.RECALL_KEYS:
         assert evaluated['metrics'][key] == pytest.approx(last[key]), key
+    # the learned temperature travels with the adapter (a train_modules entry naming open_clip's root parameter)
+    assert 'trained.logit_scale' in load_file(str(adapters / 'qv' / 'adapter_model.safetensors'))
+    assert evaluated['logit_scale'] == pytest.approx(result['logit_scale'])
 
 
 def test_tool_resume_continues_like_an_unbroken_run(tiny_config, tmp_path):

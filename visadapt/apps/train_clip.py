@@ -286,33 +286,32 @@ def _saved_adapter_names(folder: str) -> List[str]:
 
 
 def _adapt(model: nn.Module, args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
-    """Inject (or load) the adapters, freeze BatchNorm statistics outside the train modules, and make open_clip's
-    temperature (and SigLIP's bias) trainable for the contrastive loss. Returns {name: config dict}."""
+    """Inject (or load) the adapters and freeze BatchNorm statistics outside the train modules. With the contrastive
+    loss, open_clip's temperature (and SigLIP's bias) train as train modules, so the saved adapter carries them.
+    Returns {name: config dict}."""
     if args.load_adapters:
         names = _saved_adapter_names(args.load_adapters)
         for name in names:
             load_adapter(model, os.path.join(args.load_adapters, name), name=name)
             logging.info(f'loaded adapter {name!r} from {os.path.join(args.load_adapters, name)}')
     else:
-        configs = vclip.retrieval_configs(model, args.adapter_spec, args.conv_adapter_spec, args.train_modules)
+        train = list(args.train_modules)
+        if args.loss == 'contrastive':
+            train += [attr for attr in ('logit_scale', 'logit_bias')
+                      if isinstance(getattr(model, attr, None), nn.Parameter) and attr not in train]
+        configs = vclip.retrieval_configs(model, args.adapter_spec, args.conv_adapter_spec, train)
         for name, config in configs.items():
             logging.info(str(inject(model, config, name=name)))
         names = list(configs)
     train_modules = [m for n in names for m in get_injection(model, n).train_modules]
     vclip.freeze_norm_stats(model, train_modules)
-    if args.loss == 'contrastive' and not args.load_adapters:
-        for attr in ('logit_scale', 'logit_bias'):
-            if isinstance(getattr(model, attr, None), nn.Parameter):
-                getattr(model, attr).requires_grad_(True)
     return {n: get_injection(model, n).config.to_dict() for n in names}
 
 
 def trained_keys(model: nn.Module) -> List[str]:
-    """The model's state_dict keys a checkpoint keeps: the adapters' and train modules' (``adapter_state_keys``) and
-    every other trainable tensor (open_clip's ``logit_scale``/``logit_bias``)."""
-    keys = adapter_state_keys(model)
-    owned = set(keys)
-    return keys + [n for n, p in model.named_parameters() if p.requires_grad and n not in owned]
+    """The model's state_dict keys a checkpoint keeps: the adapters' and their train modules' (the temperature
+    included, see :func:`_adapt`)."""
+    return adapter_state_keys(model)
 
 
 # ---- losses ----------------------------------------------------------------------------------------------------------
