@@ -12,7 +12,8 @@ such as "Lemon SVG theme" or "AIGA_Symbol_Signs") say nothing about one image; f
 
 Images are composited on white, padded to a centred square and resized to ``--resolution``. The output is a folder
 of PNGs and a ``captions.jsonl`` with one ``{"image": "<file>", "caption": "<text>"}`` line per caption (paths
-relative to the JSONL), the format ``visadapt-train-clip`` reads. Images are sampled at random (``--seed``)
+relative to the JSONL); ``visadapt.apps.retrieval.write_csv_split`` turns it into the train/val CSV files that
+``visadapt-train-clip`` (open_clip's ``CsvDataset``) reads, split by image. Images are sampled at random (``--seed``)
 from all categories except ``special/`` (gradients, patterns, page examples) and ``unsorted/``.
 
 Usage::
