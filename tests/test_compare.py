@@ -267,10 +267,10 @@ def test_attention_comparison_on_the_two_tower_model(tmp_path):
     import torch.nn.functional as F
 
     from visadapt.apps import retrieval
-    from visadapt.apps.compare.attention import RetrievalSetting, RetrievalSettings, _trim
+    from visadapt.apps.compare.attention import RetrievalSetting, RetrievalSettings, _embed_texts, _trim
     captions = _caption_set(str(tmp_path / 'art'))
     out = str(tmp_path / 'att')
-    args = ['attention', '--captions', captions, '--image-size', '32', '--train-images', '12', '--val-images', '6',
+    args = ['attention', '--captions', captions, '--captions-per-image', '0', '--image-size', '32', '--train-images', '12', '--val-images', '6',
             '--test-images', '6', '--batch-size', '8', '--epochs', '1', '--warmup', '0', '--methods', 'SeRA',
             '--points', '1', '--extend', '0', '--seeds', '1', '2', '--jobs', '2', '--output-dir', out]
     assert main(args) == 0
@@ -286,8 +286,8 @@ def test_attention_comparison_on_the_two_tower_model(tmp_path):
     assert all(len(r['curve']) >= 2 for r in lora['runs']) and not any(r['curve'] for r in sera['runs'])
     assert next(s for s in result['summary'] if s['label'] == 'SeRA')['diff'] is not None
 
-    setting = RetrievalSetting(RetrievalSettings(captions=captions, image_size=32, train_images=12, val_images=6,
-                                                 test_images=6))
+    setting = RetrievalSetting(RetrievalSettings(captions=captions, captions_per_image=None, image_size=32,
+                                                 train_images=12, val_images=6, test_images=6))
     setting.prepare(out)                        # reads the cached trunk features written by the run above
     from PIL import Image
     with open(captions) as f:
@@ -301,6 +301,6 @@ def test_attention_comparison_on_the_two_tower_model(tmp_path):
         cached = F.normalize(model.visual.head(setting.data['val'][0]), dim=-1)
         tokens = setting.data['val'][1]
         assert _trim(tokens, setting.pad).shape[1] < tokens.shape[1]
-        torch.testing.assert_close(retrieval.embed_texts(model, _trim(tokens, setting.pad)),
+        torch.testing.assert_close(_embed_texts(model, tokens, setting.pad, batch_size=5),
                                    retrieval.embed_texts(model, tokens), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cached, direct, atol=1e-5, rtol=1e-5)

@@ -54,6 +54,8 @@ def _add_attention(p: argparse.ArgumentParser) -> None:
     from .attention import ATTENTION_VARIANTS, DEFAULT_MODEL_CONFIG, RetrievalSettings
     d = RetrievalSettings.__dataclass_fields__
     p.add_argument('--captions', required=True, help='caption file (tools/make_clipart_captions.py writes one)')
+    p.add_argument('--captions-per-image', type=int, default=d['captions_per_image'].default,
+                   help="each image's first N captions (1: the title alone); 0: all")
     p.add_argument('--model-config', default=DEFAULT_MODEL_CONFIG, help='open_clip model config JSON')
     p.add_argument('--image-size', type=int, help="image tower input size (default: the config's)")
     for name in ('train_images', 'val_images', 'test_images', 'split_seed', 'batch_size', 'epochs', 'warmup',
@@ -112,7 +114,8 @@ def _conv_setting(args: argparse.Namespace) -> Setting:
 def _attention_setting(args: argparse.Namespace) -> Setting:
     from .attention import RetrievalSetting, RetrievalSettings
     return RetrievalSetting(RetrievalSettings(
-        captions=args.captions, model_config=args.model_config, image_size=args.image_size,
+        captions=args.captions, captions_per_image=args.captions_per_image or None, model_config=args.model_config,
+        image_size=args.image_size,
         train_images=args.train_images, val_images=args.val_images, test_images=args.test_images,
         split_seed=args.split_seed, batch_size=args.batch_size, epochs=args.epochs, warmup=args.warmup,
         margin=args.margin, ref_rank=args.ref_rank, budget=args.budget, methods=args.methods))

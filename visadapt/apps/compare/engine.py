@@ -41,10 +41,12 @@ __all__ = ['Variant', 'Row', 'Protocol', 'Setting', 'Job', 'lr_grid', 'choose_lr
 
 @dataclass(frozen=True)
 class Variant:
-    """One method of a comparison: a label, its adapter spec and the centre of its learning-rate grid."""
+    """One method of a comparison: a label, its adapter spec, the centre of its learning-rate grid, and whether its
+    rank is matched to the budget (``match=False``: it runs at the size its spec gives)."""
     label: str
     spec: Dict[str, Any]
     lr: float
+    match: bool = True
 
 
 @dataclass
@@ -205,7 +207,7 @@ def plan_rows(model: Any, variants: Sequence[Variant], make_config: Any, budget:
         row = Row(variant.label, dict(variant.spec), variant.lr)
         try:
             config = make_config(variant.spec)
-            knob = budget_field(config)
+            knob = budget_field(config) if variant.match else None
             if knob is not None:
                 match = match_budget(model, config, budget, counter=counter)
                 row.spec[knob], row.adapter_params = match.value, match.achieved

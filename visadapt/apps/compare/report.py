@@ -242,12 +242,15 @@ def write_setting(result: Dict[str, Any], folder: str) -> Dict[str, Any]:
 
 
 #: the seed papers' claims, each with its comparisons (which settings, method A, method B: "A beats B"). Settings:
-#: 'conv' (conv settings with a training-set size), 'shots' (k-shot conv settings), 'attention' (retrieval).
+#: 'conv' (conv settings with a training-set size), 'shots' (k-shot conv settings), 'attention' (retrieval). LoRA on
+#: convs has two forms (chain: k×k conv to r channels then 1×1; reshape: the kernel as a matrix); a claim against
+#: LoRA is checked against both.
 CLAIMS: List[Tuple[str, List[Tuple[str, str, str]]]] = [
     ('FLoRA beats LoRA on convs at an equal budget (FLoRA paper, Table 1: ConvNeXt-V2-L, COCO 48.1 vs 47.4 mAP, '
-     'ADE20K 51.9 vs 51.4 mIoU)', [('conv', 'FLoRA', 'LoRA (chain)')]),
+     'ADE20K 51.9 vs 51.4 mIoU)', [('conv', 'FLoRA', 'LoRA (chain)'), ('conv', 'FLoRA', 'LoRA (reshape)')]),
     ('SVFT (banded, d = 2) matches or beats LoRA r = 8 with far fewer parameters in 10-shot image classification '
-     '(SVFT paper, Table 9)', [('shots', 'SVFT (banded, d=2)', 'LoRA (chain)')]),
+     '(SVFT paper, Table 9)', [('shots', 'SVFT (banded, d=2)', 'LoRA (chain)'),
+                               ('shots', 'SVFT (banded, d=2)', 'LoRA (reshape)')]),
     ('SeRA beats LoRA and MELoRA in image–text retrieval at a comparable budget (SeRA paper, Table 1: CLIP-B Sum '
      '395.7 vs 363.9 / 394.4)', [('attention', 'SeRA', 'LoRA'), ('attention', 'SeRA', 'MELoRA')]),
     ('The MPC regularizers improve LoRA-family methods (subspace-tuning paper)',

@@ -1,15 +1,15 @@
 """The study (``visadapt-compare study``, ``make study``): every setting at the sizes chosen to fit about an hour of
 wall time on 2 idle CPU cores (docs/compare.md has the pilot measurements behind them).
 
-Sizes, per setting (all share :data:`STUDY_PROTOCOL`: 3 rates ×3 apart, +1 past a winning end, chosen with seed 0 on
-the validation split, then seeds 1-5):
+All settings share :data:`STUDY_PROTOCOL`: 3 rates ×3 apart (+1 past a winning end), chosen with seed 0 on the
+validation split, then seeds 1-5, and the 2× convergence check of the baselines. Sizes:
 
-* ``conv-efficientnet_lite0`` / ``conv-mobilenetv2_100``: Fashion-MNIST at 32×32, 1,000 training images, 500
-  validation images (carved from the training set), 1,000 test images, 8 epochs of batch 32 (248 steps);
-* ``conv-efficientnet_lite0-10shot``: 10 images per class (100), the same validation and test images, 25 epochs of
-  batch 20 (125 steps);
-* ``attention``: openclipart, 1,200 training / 500 validation / 1,000 test images with their captions, 2 epochs of
-  batch 32.
+* ``conv-efficientnet_lite0`` / ``conv-mobilenetv2_100``: Fashion-MNIST at 48×48, 500 training images, 500
+  validation images (from the rest of the training set), 1,000 test images, 6 epochs of batch 32 (90 steps);
+* ``conv-efficientnet_lite0-10shot``: 10 images per class (100), the same validation and test images, 12 epochs of
+  batch 20 (60 steps);
+* ``attention``: openclipart titles, 1,500 training / 500 validation / 1,000 test images, 2 epochs of batch 32
+  (92 steps).
 """
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ __all__ = ['STUDY_PROTOCOL', 'study_settings', 'STUDY_SETTINGS']
 
 STUDY_PROTOCOL: Dict[str, Any] = dict(points=3, factor=3.0, extend=1, sweep_seed=0, seeds=(1, 2, 3, 4, 5), threads=1)
 
-_CONV = dict(image_size=32, val_size=500, test_size=1000, data_seed=0)
+_CONV = dict(image_size=48, val_size=500, test_size=1000, data_seed=0)
 #: name -> (kind, settings)
 STUDY_SETTINGS: Dict[str, Dict[str, Any]] = {
-    'conv-efficientnet_lite0': dict(kind='conv', model='efficientnet_lite0', train_size=1000, batch_size=32,
-                                    epochs=8, **_CONV),
-    'conv-mobilenetv2_100': dict(kind='conv', model='mobilenetv2_100', train_size=1000, batch_size=32, epochs=8,
+    'conv-efficientnet_lite0': dict(kind='conv', model='efficientnet_lite0', train_size=500, batch_size=32,
+                                    epochs=6, **_CONV),
+    'conv-mobilenetv2_100': dict(kind='conv', model='mobilenetv2_100', train_size=500, batch_size=32, epochs=6,
                                  **_CONV),
     'conv-efficientnet_lite0-10shot': dict(kind='conv', model='efficientnet_lite0', shots=10, batch_size=20,
-                                           epochs=25, **_CONV),
-    'attention': dict(kind='attention', train_images=1200, val_images=500, test_images=1000, batch_size=32,
+                                           epochs=12, **_CONV),
+    'attention': dict(kind='attention', train_images=1500, val_images=500, test_images=1000, batch_size=32,
                       epochs=2),
 }
 
