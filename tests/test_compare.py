@@ -72,8 +72,8 @@ def test_verdict_comes_from_the_interval_not_the_means():
     line = claim_lines([result])[0]
     assert line.startswith('- **FLoRA beats LoRA on convs') and 'not distinguishable at this size' in line
     shots = _result('shots', {'SVFT (banded, d=2)': [50.0, 52.0, 51.0], 'LoRA (chain)': [55.0, 56.0, 57.0]})
-    assert ': not reproduced.' in claim_lines([shots])[1]
-    assert ': not run.' in claim_lines([shots])[2]                      # no retrieval setting in this "study"
+    assert ': *not reproduced*.' in claim_lines([shots])[1]
+    assert ': not run (this study has no setting for it).' in claim_lines([shots])[2]      # no retrieval setting
 
 
 def _result(kind, scores):
@@ -304,3 +304,16 @@ def test_attention_comparison_on_the_two_tower_model(tmp_path):
         torch.testing.assert_close(_embed_texts(model, tokens, setting.pad, batch_size=5),
                                    retrieval.embed_texts(model, tokens), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cached, direct, atol=1e-5, rtol=1e-5)
+
+    # the shared projection start is the ridge solution: (XᵀX + λI) Wᵀ = XᵀY on the training captions
+    feats, tokens, text_image = setting.data['train']
+    x = feats[text_image].double()
+    with torch.no_grad():
+        y = _embed_texts(model, tokens, setting.pad).double()
+    gram = x.t() @ x
+    ridge = 0.1 * gram.diagonal().mean()
+    w = setting.projection.double().t()
+    residual = gram @ w + ridge * w - x.t() @ y
+    assert residual.abs().max() <= 1e-4 * (x.t() @ y).abs().max()
+    with pytest.raises(ValueError, match="projection 'zero' is not valid; use one of"):
+        RetrievalSettings(captions=captions, projection='zero')

@@ -210,12 +210,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``visadapt-analyze``: exit status 0, or 2 with one ``error:`` line for a bad adapter or model."""
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f'visadapt-analyze: error: {err}', file=sys.stderr)
-        return 2
-    return 0
+    from ._command import exit_status
+    return exit_status('visadapt-analyze', lambda: run(argv))
 
 
 if __name__ == '__main__':

@@ -1155,16 +1155,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def main_with_args(args: argparse.Namespace) -> int:
     """Run with parsed arguments: input errors become one ``error:`` line and exit status 2, Ctrl-C status 130."""
-    try:
-        run(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError) as err:
-        print(f'visadapt-train-classifier: error: {err}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('visadapt-train-classifier: interrupted; continue with --resume OUTPUT/EXPERIMENT/last.pth.tar',
-              file=sys.stderr)
-        return 130
-    return 0
+    from ._command import INPUT_ERRORS, exit_status
+    return exit_status('visadapt-train-classifier', lambda: run(args),
+                       errors=INPUT_ERRORS + (TypeError, ImportError, FloatingPointError),
+                       resume_hint='continue with --resume OUTPUT/EXPERIMENT/last.pth.tar')
 
 
 if __name__ == '__main__':

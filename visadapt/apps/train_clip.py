@@ -638,14 +638,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``visadapt-train-clip``: exit status 0; 2 for a bad flag or input (one ``error:`` line on stderr)."""
-    try:
-        run(argv)
-    except SystemExit as stop:  # argparse: --help (0) or a usage error it has printed (2)
-        return stop.code if isinstance(stop.code, int) else 2
-    except (ValueError, FileNotFoundError) as err:
-        print(f'visadapt-train-clip: error: {err}', file=sys.stderr)
-        return 2
-    return 0
+    from ._command import exit_status
+    return exit_status('visadapt-train-clip', lambda: run(argv))
 
 
 if __name__ == '__main__':

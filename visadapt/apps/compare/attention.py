@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .conv import _select
 from .engine import Row, Setting, Variant, binned_mean, plan_rows
 
-__all__ = ['RetrievalSettings', 'RetrievalSetting', 'ATTENTION_VARIANTS', 'DEFAULT_MODEL_CONFIG']
+__all__ = ['RetrievalSettings', 'RetrievalSetting', 'ATTENTION_VARIANTS', 'DEFAULT_MODEL_CONFIG', 'PROJECTION_INITS']
 
 DEFAULT_MODEL_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))), 'clip_configs', 'EffNetLite0-MiniLM-L6.json')
@@ -58,8 +58,10 @@ ATTENTION_VARIANTS: List[Variant] = [
     Variant('LoRA + MPC_d', {'method': 'LoRA', 'mpc': 'd'}, 1e-3),
 ]
 TRAIN_MODULES = ('visual.head.proj',)
+#: how the image projection starts: 'fit' (ridge regression of the frozen text tower's caption embeddings on the
+#: image features, the same for every method and seed) or 'random' (its seeded default init)
+PROJECTION_INITS = ('fit', 'random')
 CURVE_POINTS = 4
-SPLITS = ('train', 'val', 'test')
 
 
 @dataclass
@@ -74,14 +76,17 @@ class RetrievalSettings:
     test_images: int = 1000
     split_seed: int = 0
     batch_size: int = 32
-    epochs: int = 3
+    epochs: int = 2
     warmup: int = 10
     margin: float = 0.2
+    projection: str = 'fit'
     ref_rank: int = 8
     budget: Optional[int] = None
     methods: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
+        if self.projection not in PROJECTION_INITS:
+            raise ValueError(f'projection {self.projection!r} is not valid; use one of {PROJECTION_INITS}')
         sizes = dict(train_images=self.train_images, val_images=self.val_images, test_images=self.test_images,
                      batch_size=self.batch_size - 1, epochs=self.epochs, ref_rank=self.ref_rank,
                      captions_per_image=self.captions_per_image or 1,
@@ -136,6 +141,7 @@ class RetrievalSetting(Setting):
         #: split -> (image features (N_img, C), tokens (N_txt, L), each caption's image index (N_txt,))
         self.data: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.counts: Dict[str, Dict[str, int]] = {}
+        self.projection: Optional[torch.Tensor] = None
 
     def settings(self) -> Dict[str, Any]:
         return {'kind': 'attention', **asdict(self.s), 'captions_sha256': _file_digest(self.s.captions),
@@ -198,6 +204,20 @@ class RetrievalSetting(Setting):
             feats = self._features([p for p, _ in items], cache)
             self.data[split] = (feats, bundle.tokenizer(captions), text_image)
             self.counts[split] = {'images': len(items), 'captions': len(captions)}
+        if self.s.projection == 'fit':
+            self.projection = self._fit_projection()
+
+    def _fit_projection(self) -> torch.Tensor:
+        """The projection weight (out, in) that maps the training images' trunk features closest to their captions'
+        embeddings by the frozen text tower: ridge regression, the ridge 0.1 × the mean feature energy."""
+        feats, tokens, text_image = self.data['train']
+        with torch.no_grad():
+            targets = _embed_texts(self.model, tokens, self.pad).double()
+            x = feats[text_image].double()
+            gram = x.t() @ x
+            gram += 0.1 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+            weight = torch.linalg.solve(gram, x.t() @ targets).t()
+        return weight.to(self.model.visual.head.proj.weight.dtype).contiguous()
 
     def make_config(self, spec: Dict[str, Any]) -> Any:
         """The text-tower q/v config of ``spec`` (the projection trained with it; convs frozen)."""
@@ -228,10 +248,15 @@ class RetrievalSetting(Setting):
         return retrieval.retrieval_recall(images @ texts.t(), text_image)
 
     def _adapt(self, spec: Dict[str, Any], seed: int) -> Tuple[Any, List[torch.nn.Parameter]]:
-        """Seeded projection init, the adapter injected; returns (inject report, trainable tensors)."""
+        """Projection init (the fit, or seeded), the adapter injected; returns (inject report, trainable tensors)."""
         from visadapt.core import inject
         torch.manual_seed(seed)
-        self.model.visual.head.proj.reset_parameters()
+        proj = self.model.visual.head.proj
+        if self.projection is None:
+            proj.reset_parameters()
+        else:
+            with torch.no_grad():
+                proj.weight.copy_(self.projection)
         report = inject(self.model, self.make_config(spec), name='qv')
         return report, [p for p in self.model.parameters() if p.requires_grad]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -51,7 +50,7 @@ def _add_conv(p: argparse.ArgumentParser) -> None:
 
 
 def _add_attention(p: argparse.ArgumentParser) -> None:
-    from .attention import ATTENTION_VARIANTS, DEFAULT_MODEL_CONFIG, RetrievalSettings
+    from .attention import ATTENTION_VARIANTS, DEFAULT_MODEL_CONFIG, PROJECTION_INITS, RetrievalSettings
     d = RetrievalSettings.__dataclass_fields__
     p.add_argument('--captions', required=True, help='caption file (tools/make_clipart_captions.py writes one)')
     p.add_argument('--captions-per-image', type=int, default=d['captions_per_image'].default,
@@ -62,6 +61,9 @@ def _add_attention(p: argparse.ArgumentParser) -> None:
                  'ref_rank'):
         p.add_argument('--' + name.replace('_', '-'), type=int, default=d[name].default)
     p.add_argument('--margin', type=float, default=d['margin'].default, help='triplet loss margin')
+    p.add_argument('--projection', choices=PROJECTION_INITS, default=d['projection'].default,
+                   help="the image projection's start: 'fit' (one ridge fit to the frozen text tower, shared by "
+                        "every run) or 'random' (its seeded default init)")
     p.add_argument('--budget', type=int, help='adapter parameters (instead of --ref-rank)')
     p.add_argument('--methods', nargs='+', help=f'labels to run (the reference always runs): '
                    f'{[v.label for v in ATTENTION_VARIANTS]}')
@@ -118,7 +120,8 @@ def _attention_setting(args: argparse.Namespace) -> Setting:
         image_size=args.image_size,
         train_images=args.train_images, val_images=args.val_images, test_images=args.test_images,
         split_seed=args.split_seed, batch_size=args.batch_size, epochs=args.epochs, warmup=args.warmup,
-        margin=args.margin, ref_rank=args.ref_rank, budget=args.budget, methods=args.methods))
+        margin=args.margin, projection=args.projection, ref_rank=args.ref_rank, budget=args.budget,
+        methods=args.methods))
 
 
 def _print_plan(result: Dict[str, Any]) -> None:
@@ -189,13 +192,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """The ``visadapt-compare`` command; returns the exit status (2 with one error line for bad input, 1 when a run
     failed, 130 when interrupted: run the same command again to continue)."""
+    from .._command import exit_status
     args = build_parser().parse_args(argv)
-    try:
-        return _dispatch(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f'visadapt-compare: error: {err}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('visadapt-compare: interrupted; run the same command again to continue (finished runs are reused)',
-              file=sys.stderr)
-        return 130
+    return exit_status('visadapt-compare', lambda: _dispatch(args),
+                       resume_hint='run the same command again to continue (finished runs are reused)')

@@ -32,7 +32,10 @@ def _test_scores(row: Dict[str, Any], metric: str) -> Dict[int, float]:
 
 
 def _cpu_seconds(row: Dict[str, Any]) -> float:
-    return sum(s['cpu_seconds'] for s in row.get('sweep', [])) + sum(r['cpu_seconds'] for r in row.get('runs', []))
+    """CPU seconds of every run of a row: sweep, seeds and convergence check."""
+    check = (row.get('check') or {}).get('cpu_seconds', 0.0)
+    return sum(s['cpu_seconds'] for s in row.get('sweep', [])) + sum(r['cpu_seconds'] for r in row.get('runs', [])) \
+        + check
 
 
 def summarize(result: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -293,7 +296,10 @@ def claim_lines(results: Sequence[Dict[str, Any]]) -> List[str]:
                              f"{c['params'][0]:,} vs {c['params'][1]:,} adapter parameters) → {c['verdict']}")
         overall = ('not run' if not verdicts else verdicts[0] if len(set(verdicts)) == 1
                    else 'mixed: ' + ', '.join(f'{verdicts.count(v)} {v}' for v in dict.fromkeys(verdicts)))
-        lines.append(f'- **{text}**: {overall}. ' + '; '.join(parts) + '.')
+        if not parts:
+            lines.append(f'- **{text}**: not run (this study has no setting for it).')
+        else:
+            lines.append(f'- **{text}**: *{overall}*. ' + '; '.join(parts) + '.')
     return lines
 
 
