@@ -270,7 +270,7 @@ def test_attention_comparison_on_the_two_tower_model(tmp_path):
     from visadapt.apps.compare.attention import RetrievalSetting, RetrievalSettings, _embed_texts, _trim
     captions = _caption_set(str(tmp_path / 'art'))
     out = str(tmp_path / 'att')
-    args = ['attention', '--captions', captions, '--captions-per-image', '0', '--image-size', '32', '--train-images', '12', '--val-images', '6',
+    args = ['attention', '--captions', captions, '--captions-per-image', '0', '--image-size', '48', '--train-images', '12', '--val-images', '6',
             '--test-images', '6', '--batch-size', '8', '--epochs', '1', '--warmup', '0', '--methods', 'SeRA',
             '--points', '1', '--extend', '0', '--seeds', '1', '2', '--jobs', '2', '--output-dir', out]
     assert main(args) == 0
@@ -286,7 +286,7 @@ def test_attention_comparison_on_the_two_tower_model(tmp_path):
     assert all(len(r['curve']) >= 2 for r in lora['runs']) and not any(r['curve'] for r in sera['runs'])
     assert next(s for s in result['summary'] if s['label'] == 'SeRA')['diff'] is not None
 
-    setting = RetrievalSetting(RetrievalSettings(captions=captions, captions_per_image=None, image_size=32,
+    setting = RetrievalSetting(RetrievalSettings(captions=captions, captions_per_image=None, image_size=48,
                                                  train_images=12, val_images=6, test_images=6))
     setting.prepare(out)                        # reads the cached trunk features written by the run above
     from PIL import Image
@@ -311,9 +311,10 @@ def test_attention_comparison_on_the_two_tower_model(tmp_path):
     with torch.no_grad():
         y = _embed_texts(model, tokens, setting.pad).double()
     gram = x.t() @ x
-    ridge = 0.1 * gram.diagonal().mean()
+    ridge = 0.1 * gram.diagonal().mean().clamp_min(1e-6)
     w = setting.projection.double().t()
     residual = gram @ w + ridge * w - x.t() @ y
+    assert x.abs().max() > 0 and w.abs().max() > 0
     assert residual.abs().max() <= 1e-4 * (x.t() @ y).abs().max()
     with pytest.raises(ValueError, match="projection 'zero' is not valid; use one of"):
         RetrievalSettings(captions=captions, projection='zero')

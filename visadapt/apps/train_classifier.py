@@ -534,6 +534,8 @@ def setup(args: argparse.Namespace) -> Trainer:
     vtimm.has_timm(necessary=True)
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.utils import init_distributed_device, random_seed
+
+    from ._optim import fused_adam_kwargs
     if args.threads:
         torch.set_num_threads(args.threads)
     device = init_distributed_device(args)
@@ -546,7 +548,10 @@ def setup(args: argparse.Namespace) -> Trainer:
     random_seed(args.seed, args.rank)
     data_config, loader_train, loader_eval, mixup_fn = _create_loaders(args, train_set, eval_set, model, device,
                                                                        num_classes)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    opt_kwargs = {**optimizer_kwargs(cfg=args), **args.opt_kwargs}
+    if str(args.opt).lower() in ('adam', 'adamw'):  # torch's own Adam(W): its fused kernel (visadapt/apps/_optim.py)
+        opt_kwargs.update(fused_adam_kwargs((p for p in model.parameters() if p.requires_grad), opt_kwargs))
+    optimizer = create_optimizer_v2(model, **opt_kwargs)
     autocast, loss_scaler = _amp(args, device)
     tr = Trainer(args=args, device=device, model=model, task=_create_task(args, model, device), report=report,
                  match=match, optimizer=optimizer, scheduler=None, loss_scaler=loss_scaler, autocast=autocast,

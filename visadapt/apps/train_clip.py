@@ -377,13 +377,14 @@ def _optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimi
             if getattr(args, key) is not None:
                 extra[key] = getattr(args, key)
         return create_optimizer_v2(model, args.opt.split('timm/')[-1], lr=args.lr, weight_decay=args.wd, **extra)
+    from ._optim import fused_adam_kwargs
     if args.opt.lower() != 'adamw':
         raise ValueError(f"--opt {args.opt!r} is not valid; use 'adamw' or 'timm/<optimizer name>'")
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{'params': [p for p in trainable if p.ndim <= 1], 'weight_decay': 0.0},
               {'params': [p for p in trainable if p.ndim > 1], 'weight_decay': args.wd}]
     return torch.optim.AdamW([g for g in groups if g['params']], lr=args.lr, betas=(args.beta1, args.beta2),
-                             eps=args.eps)
+                             eps=args.eps, **fused_adam_kwargs(trainable))
 
 
 def _scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:

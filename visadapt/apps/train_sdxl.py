@@ -341,11 +341,12 @@ def adapted_components(models: Models, unwrap) -> Dict[str, Any]:
 def make_optimizer(args: argparse.Namespace, params: List[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if args.use_8bit_adam:
         import bitsandbytes as bnb
-        optimizer_class = bnb.optim.AdamW8bit
+        optimizer_class, extra = bnb.optim.AdamW8bit, {}
     else:
-        optimizer_class = torch.optim.AdamW
+        from ._optim import fused_adam_kwargs
+        optimizer_class, extra = torch.optim.AdamW, fused_adam_kwargs(params)
     return optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **extra)
 
 
 # ---- data --------------------------------------------------------------------------------------------------------

@@ -71,8 +71,8 @@ def check_optimizer(kind: str, device: str) -> None:
     if kind not in OPTIMIZERS:
         raise ValueError(f'--optimizer {kind!r} is not valid; use one of {sorted(OPTIMIZERS)}')
     if kind == 'fused':
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        supported = _get_fused_kernels_supported_devices()
+        from .._optim import fused_device_types
+        supported = fused_device_types()
         if torch.device(device).type not in supported:
             raise ValueError(f"--optimizer fused: PyTorch {torch.__version__} has no fused AdamW on "
                              f"{torch.device(device).type} (it has {supported}); use --optimizer foreach")

@@ -62,6 +62,15 @@ def load_average() -> Optional[float]:
         return None
 
 
+def _load_verdict(meta: Dict[str, Any]) -> str:
+    """Whether the host's load average says other processes shared the cores during the run."""
+    loads = [v for v in (meta['load_average']['start'], meta['load_average'].get('end')) if v is not None]
+    if not loads:
+        return 'not known'
+    busy = max(loads) > (os.cpu_count() or 1) + 0.5
+    return 'above the CPU count, other processes shared the cores' if busy else 'no more than the run itself puts on the cores'
+
+
 def _fmt(value: Optional[float], spec: str, suffix: str = '') -> str:
     return '–' if value is None else format(value, spec) + suffix
 
@@ -229,7 +238,7 @@ def markdown(result: Dict[str, Any]) -> str:
              f"{m['warmup']} warm-up, all configurations of a model interleaved. Peak = memory held before the step "
              f"+ the step's allocation high-water mark ({m['memory_method']}). Host load average (1 min) "
              f"{_fmt(m['load_average']['start'], '.1f')} at the start, {_fmt(m['load_average'].get('end'), '.1f')} at "
-             f"the last write ({os.cpu_count()} CPUs): above the CPU count, other processes shared the cores.", '']
+             f"the last write ({os.cpu_count()} CPUs; the run's own threads count in it): {_load_verdict(m)}.", '']
     for model in result['models']:
         lines += [f"## {model['model']}", '',
                   f"Inputs {model['inputs']}; {model['targets']} adapted layers; budget {model['budget']:,} trainable "

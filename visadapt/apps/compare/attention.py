@@ -209,13 +209,14 @@ class RetrievalSetting(Setting):
 
     def _fit_projection(self) -> torch.Tensor:
         """The projection weight (out, in) that maps the training images' trunk features closest to their captions'
-        embeddings by the frozen text tower: ridge regression, the ridge 0.1 × the mean feature energy."""
+        embeddings by the frozen text tower: ridge regression, the ridge 0.1 × the mean feature energy (at least 1e-7)."""
         feats, tokens, text_image = self.data['train']
         with torch.no_grad():
             targets = _embed_texts(self.model, tokens, self.pad).double()
             x = feats[text_image].double()
             gram = x.t() @ x
-            gram += 0.1 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+            # the floor keeps it solvable when the features vanish (EfficientNet-Lite0's do below 48 px)
+            gram += 0.1 * gram.diagonal().mean().clamp_min(1e-6) * torch.eye(gram.shape[0], dtype=gram.dtype)
             weight = torch.linalg.solve(gram, x.t() @ targets).t()
         return weight.to(self.model.visual.head.proj.weight.dtype).contiguous()
 
@@ -265,12 +266,13 @@ class RetrievalSetting(Setting):
         from open_clip_train.scheduler import cosine_lr
 
         from visadapt.apps import retrieval
+        from visadapt.apps._optim import fused_adam_kwargs
         from visadapt.core import regularization_loss
         report, params = self._adapt(row.spec, seed)
         feats, tokens, text_image = self.data['train']
         per_epoch, epochs = len(text_image) // self.s.batch_size, round(self.s.epochs * scale)
         total = per_epoch * epochs
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **fused_adam_kwargs(params))
         schedule = cosine_lr(optimizer, lr, self.s.warmup, total)
         every = max(1, total // CURVE_POINTS)
         history = [{'step': 0, 'val': self._score('val')}] if curve else []
