@@ -196,6 +196,29 @@ def test_resume_latest_without_a_checkpoint_starts_fresh_and_other_flags_train(t
     _check_merged_unet(os.path.join(out, 'export', 'merged_unet'), pipe, tiny_sdxl)
 
 
+def test_accelerate_dynamo_backend_compiles_the_unet_and_saves_its_adapters(tiny_sdxl, clipart, tmp_path,
+                                                                           monkeypatch):
+    """torch.compile as diffusers users turn it on: `accelerate launch --dynamo_backend ...` (the environment it sets;
+    'eager' only traces, inductor takes minutes here). The prepared UNet is compiled, and the LoRA file holds the
+    same keys and values as an uncompiled run's."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    command = ['--pretrained_model_name_or_path', tiny_sdxl, '--train_data_dir', clipart, '--resolution', '32',
+               '--train_batch_size', '1', '--max_train_steps', '2', '--learning_rate', '1e-3', '--seed', '0',
+               '--lr_warmup_steps', '0', '--report_to', 'none', '--cache_dir', str(tmp_path / 'cache')]
+    _train(command + ['--output_dir', str(tmp_path / 'eager')])
+    monkeypatch.setenv('ACCELERATE_DYNAMO_BACKEND', 'EAGER')
+    _fresh_accelerate_state()
+    run = train_sdxl.setup(train_sdxl.parse_args(command + ['--output_dir', str(tmp_path / 'probe')]))
+    assert isinstance(run.models.unet, OptimizedModule) and not isinstance(run.unwrap(run.models.unet),
+                                                                            OptimizedModule)
+    _train(command + ['--output_dir', str(tmp_path / 'compiled')])
+    eager, compiled = _lora_file(str(tmp_path / 'eager')), _lora_file(str(tmp_path / 'compiled'))
+    assert eager and sorted(eager) == sorted(compiled)
+    assert not any('_orig_mod' in k for k in compiled)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-6)
+
+
 def test_methods_without_a_lora_form_need_no_lora_weights(tiny_sdxl, clipart, tmp_path):
     """(IA)³ has no LoRA form: refused at start (naming the layer) unless --no_lora_weights; then visadapt's format."""
     argv = ['--pretrained_model_name_or_path', tiny_sdxl, '--train_data_dir', clipart, '--resolution', '32',

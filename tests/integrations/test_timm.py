@@ -486,6 +486,24 @@ def test_train_classifier_workers_mixup_ema_amp_channels_last_then_resume(tmp_pa
     assert "--img-size 32 (now 48)" in capsys.readouterr().err
 
 
+def test_train_classifier_torchcompile_trains_the_compiled_model_like_eager(tmp_path):
+    """--torchcompile (timm's flag) compiles the task's model before DDP; with the tracing-only 'eager' backend
+    (inductor takes minutes here) the trained adapter equals an uncompiled run's, and the saved adapter is the
+    eager module's (names unchanged)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    argv = ['--train-size', '64', '--eval-size', '32', '--epochs', '1']
+    runs = {}
+    for name, extra in (('eager', []), ('compiled', ['--torchcompile', 'eager'])):
+        args = classify.parse_args(_cli(tmp_path / name, *argv, *extra))
+        tr = classify.train(args)
+        classify.finish(tr, 0.0)
+        assert isinstance(tr.task.trainable_module, OptimizedModule) == (name == 'compiled')
+        runs[name] = read_adapter(tmp_path / name / 'run' / 'adapter')[1]
+    assert sorted(runs['eager']) == sorted(runs['compiled']) and not any('_orig_mod' in k for k in runs['compiled'])
+    for key, value in runs['eager'].items():
+        torch.testing.assert_close(runs['compiled'][key], value, rtol=1e-4, atol=1e-6)
+
+
 def test_torchrun_two_processes_gloo_end_with_identical_models(tmp_path):
     """torchrun, 2 processes, gloo: DDP keeps the adapters identical, distribute_bn the statistics of a BatchNorm
     that trains (bn2 as a train module); frozen BatchNorms keep their (identical) statistics."""

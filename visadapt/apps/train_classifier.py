@@ -573,7 +573,8 @@ def _output_dir(args: argparse.Namespace, data_config: Dict[str, Any]) -> Option
 
 
 def _setup_schedule_and_saver(tr: Trainer) -> None:
-    """timm's scheduler and CheckpointSaver (primary rank), then ``--resume``, the EMA and DDP, as timm orders them."""
+    """timm's scheduler and CheckpointSaver (primary rank), then ``--resume``, the EMA, ``--torchcompile`` and DDP, as
+    timm orders them."""
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.utils import CheckpointSaver
     args = tr.args
@@ -597,6 +598,8 @@ def _setup_schedule_and_saver(tr: Trainer) -> None:
             tr.scheduler.step_update(tr.start_epoch * tr.updates_per_epoch)
         else:
             tr.scheduler.step(tr.start_epoch)
+    if args.torchcompile:  # timm's task compiles before the DDP wrap; tr.model stays the eager module (saving)
+        tr.task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:
         tr.task.prepare_distributed(device_ids=[tr.device] if tr.device.type == 'cuda' else None,
                                     **({'broadcast_buffers': False} if args.no_ddp_bb else {}))
@@ -1010,6 +1013,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('-vb', '--validation-batch-size', type=int, metavar='N', help='evaluation batch size')
     g.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
     g.add_argument('--grad-checkpointing', action='store_true', help='gradient checkpointing through blocks')
+    g.add_argument('--torchcompile', nargs='?', const='inductor', metavar='BACKEND',
+                   help='torch.compile the adapted model with this backend (inductor without a value), as timm')
+    g.add_argument('--torchcompile-mode', metavar='MODE', help='torch.compile mode')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=_kwargs_action(), help='key=value pairs for '
                    'timm.create_model, e.g. img_size=32 patch_size=4')
 

@@ -87,7 +87,6 @@ UNSUPPORTED = {
     'distill_model': 'distillation is not supported with adapters',
     'torchscript': 'TorchScript cannot script adapted layers',
     'trace': 'a traced model cannot be trained',
-    'torchcompile': 'torch.compile of adapted models is not tested here',
     'use_bnb_linear': 'bitsandbytes layers cannot be adapted',
     'horovod': 'use torchrun (torch.distributed) for several processes',
     'lock_image': 'adapters freeze every base tensor already; use --train-modules to train modules fully',
@@ -535,6 +534,10 @@ def _setup(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     if args.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
                                                   **({'static_graph': True} if args.ddp_static_graph else {}))
+    if args.torchcompile:  # as open_clip_train: the (DDP) model compiled; `model` stays eager for saving
+        if args.grad_checkpointing and args.distributed:
+            torch._dynamo.config.optimize_ddp = False  # open_clip_train's setting for that combination
+        net = torch.compile(net)
     training = bool(args.train_data) or args.dataset_type == 'synthetic'
     optimizer = _optimizer(model, args) if training else None
     scaler = torch.amp.GradScaler(device=device.type) if training and args.precision == 'amp' else None

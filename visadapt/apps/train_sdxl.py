@@ -511,7 +511,9 @@ class Run:
     metrics: Dict[str, Any] = field(default_factory=dict)
 
     def unwrap(self, model):
-        return self.accelerator.unwrap_model(model)
+        """The module itself: without accelerate's DDP/precision wrappers and torch.compile's (``accelerate launch
+        --dynamo_backend``), so adapters are read and saved under their own names."""
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def make_accelerator(args: argparse.Namespace):
