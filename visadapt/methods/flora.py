@@ -26,6 +26,7 @@ into the up factor once per call. The core picks the cheaper path per input shap
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -101,12 +102,31 @@ def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch
 
 def tucker_weight(core: torch.Tensor, factors: Sequence[torch.Tensor], modes: Optional[Sequence[int]] = None
                   ) -> torch.Tensor:
-    """G ×_n A^(n) for the given modes (default all). Kernel modes first: they are smallest, keeping it cheap."""
+    """G ×_n A^(n) for the given modes (default all). Kernel modes first: they are smallest, keeping it cheap.
+
+    A mode whose factor is 1×1 (the kernel modes of a 1×1 conv, the input mode of a depthwise conv) is a product with
+    a scalar: all of them become one multiplication of the core, instead of a matmul each with its reshapes forward
+    and backward (a third of the ops of ΔW on ConvNeXt and EfficientNet models, docs/bench.md).
+    """
     modes = range(core.dim()) if modes is None else modes
+    scalar_modes = [n for n in modes if _is_scalar(factors[n])]
     out = core
-    for n in sorted(modes, reverse=True):
+    if scalar_modes:
+        out = core * functools.reduce(torch.mul, (factors[n].reshape(()) for n in scalar_modes)).to(core.dtype)
+    for n in sorted(set(modes) - set(scalar_modes), reverse=True):
         out = mode_product(out, factors[n], n)
     return out
+
+
+def _is_scalar(factor: torch.Tensor) -> bool:
+    return factor.shape[0] == 1 and factor.shape[1] == 1
+
+
+def tucker_ops(ranks: Sequence[int], weight_shape: Sequence[int]) -> int:
+    """Ops :func:`tucker_weight` runs over all modes: a matmul per mode with a larger-than-1×1 factor, plus one
+    multiplication for the 1×1 ones."""
+    scalars = sum(1 for i, j in zip(weight_shape, ranks) if i == 1 and j == 1)
+    return len(ranks) - scalars + (1 if scalars else 0)
 
 
 def flora_delta_weight(core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
@@ -151,9 +171,12 @@ def _pointwise_chain(site: Site, r_in: int) -> bool:
 
 
 def _mode_products_macs(shape: Sequence[int], weight_shape: Sequence[int], modes: Sequence[int]) -> int:
-    """MACs of :func:`tucker_weight` on a core of ``shape`` over ``modes`` (last mode first, as it runs)."""
+    """MACs of :func:`tucker_weight` on a core of ``shape`` over ``modes`` (last mode first, as it runs; the 1×1
+    factors' scalar multiplication is not a matmul)."""
     size, macs = list(shape), 0
     for n in sorted(modes, reverse=True):
+        if size[n] == 1 and weight_shape[n] == 1:
+            continue
         macs += math.prod(size) * weight_shape[n]
         size[n] = weight_shape[n]
     return macs
@@ -216,8 +239,8 @@ class FLoRAAdapter(Adapter):
         when r_in = in/g folds the down into the kernel."""
         return 2 if self.site.is_conv and self.ranks[1] == self.site.in_features else 3
 
-    def delta_ops(self) -> int:  # one mode product per weight dimension
-        return len(self.ranks)
+    def delta_ops(self) -> int:
+        return tucker_ops(self.ranks, self.site.weight_shape)
 
     def factor_form(self) -> Factors:
         """Linear: down = G A^(2)ᵀ (r_out, in), up = s·A^(1). ConvNd: the Tucker form down = A^(2)ᵀ (1×1),
