@@ -609,9 +609,9 @@ def _summary(args: argparse.Namespace, s: Dict[str, Any], out: Dict[str, Any], s
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train (or, without ``--train-data``, evaluate) and return the summary written to ``metrics.json``, plus
     ``'model'`` (the adapted model, unwrapped) and ``'args'``."""
-    from open_clip_train.distributed import init_distributed_device, is_master
     t0 = time.time()
-    args = parse_args(argv)
+    args = parse_args(argv)  # answers --help without the clip extra; otherwise says to install it
+    from open_clip_train.distributed import init_distributed_device, is_master
     args.argv = list(sys.argv[1:] if argv is None else argv)
     device = init_distributed_device(args)  # CUDA when there (--device), the CPU otherwise; torchrun's processes
     handlers = _start_run(args)
@@ -641,9 +641,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``visadapt-train-clip``: exit status 0; 2 for a bad flag or input (one ``error:`` line on stderr)."""
-    from ._command import exit_status
-    return exit_status('visadapt-train-clip', lambda: run(argv))
+    """``visadapt-train-clip``: exit status 0; 2 for a bad flag or input or a missing extra (one ``error:`` line)."""
+    from ._command import INPUT_ERRORS, exit_status
+    return exit_status('visadapt-train-clip', lambda: run(argv), errors=INPUT_ERRORS + (ImportError,))
 
 
 if __name__ == '__main__':
