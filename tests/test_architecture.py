@@ -177,6 +177,23 @@ def test_console_script_help(script):
     assert 'usage:' in proc.stdout
 
 
+#: what the extras install (pyproject.toml); the core needs none of them
+EXTRA_PACKAGES = ('timm', 'diffusers', 'transformers', 'accelerate', 'peft', 'datasets', 'open_clip', 'open_clip_train',
+                  'mmengine', 'mmdet', 'mmseg', 'mmcv', 'lycoris', 'bitsandbytes', 'matplotlib', 'tensorboard')
+
+
+@pytest.mark.parametrize('script', sorted(_console_scripts()))
+def test_console_script_help_needs_no_extra(script):
+    """``--help`` with every extra's packages unimportable (as in a virtual environment with the core alone)."""
+    target = _console_scripts()[script]
+    module, func = target.split(':')
+    code = (f'import sys\nfor name in {EXTRA_PACKAGES!r}:\n    sys.modules[name] = None\n'
+            f'from {module} import {func}\nsys.exit({func}(["--help"]))')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'usage:' in proc.stdout
+
+
 def test_console_scripts_are_the_applications():
     apps = {name.rsplit('.', 1)[-1] for name in MODULES if name.startswith('visadapt.apps.')}
     targets = {target.split(':')[0].rsplit('.', 1)[-1] for target in _console_scripts().values()}

@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -155,7 +156,7 @@ def run_variant(variant: str, args, budget: int) -> Dict[str, Any]:
     return info
 
 
-def main() -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--config', choices=['full', 'tiny'], default='full')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -169,7 +170,11 @@ def main() -> None:
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--out', default=None, help='write the results as JSON here')
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Time every variant on the UNet; returns the results (also written to ``--out``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers import UNet2DConditionModel
@@ -193,7 +198,14 @@ def main() -> None:
     if args.out:
         from visadapt.core import atomic_write_bytes
         atomic_write_bytes(args.out, json.dumps(results, indent=2).encode())
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``visadapt-bench-sdxl``: exit status 0, or 2 with one ``error:`` line (bad input, diffusers missing)."""
+    from ._command import INPUT_ERRORS, exit_status
+    return exit_status('visadapt-bench-sdxl', lambda: run(parse_args(argv)), errors=INPUT_ERRORS + (ImportError,))
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())
