@@ -37,7 +37,7 @@ bench-compile: setup
 	$(BIN)/visadapt-bench --models convnext_atto@8x96 --methods base,limit,peft,FLoRA --on-peft-layers '' \
 		--rank 8 --warmup 1 --steps 10 --no-path-choice --compile --out $(BENCH_COMPILE_OUT)
 
-# the method comparison study (docs/compare.md): every setting of visadapt/apps/compare/study.py, about an hour on 2
+# the method comparison study (docs/compare.md): every setting of visadapt/apps/compare/study.py, about 70 minutes on 2
 # idle CPU cores; resumable (after an interruption run it again: finished runs are reused). Then
 # `$(BIN)/visadapt-compare docs $(STUDY_OUT)` writes its tables and claim lines into README.md and docs/compare.md.
 STUDY_OUT ?= runs/study

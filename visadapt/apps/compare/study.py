@@ -1,5 +1,5 @@
 """The study (``visadapt-compare study``, ``make study``): every setting at the sizes chosen to fit about an hour of
-wall time on 2 idle CPU cores (docs/compare.md has the pilot measurements behind them).
+wall time on 2 CPU cores (measured: 72.7 min, 114 CPU-minutes of runs; docs/compare.md has the pilots behind them).
 
 All settings share :data:`STUDY_PROTOCOL`: 3 rates ×3 apart (+1 past a winning end), chosen with seed 0 on the
 validation split, then seeds 1-5, and the 2× convergence check of the baselines. Sizes:
