@@ -12,9 +12,9 @@ INPUT_ERRORS: Tuple[Type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 def exit_status(prog: str, call: Callable[[], Any], errors: Tuple[Type[BaseException], ...] = INPUT_ERRORS,
                 resume_hint: Optional[str] = None) -> int:
-    """Run ``call`` and return the command's exit status: what it returned when that is an int (a status), else 0; 2 after printing
-    ``<prog>: error: <message>`` for one of ``errors``; 130 after printing ``resume_hint`` on Ctrl-C (without a hint
-    the interruption propagates)."""
+    """Run ``call`` and return the command's exit status: what it returned when that is an int (a status), else 0;
+    2 after printing ``<prog>: error: <message>`` for one of ``errors``; 130 after printing ``resume_hint`` on Ctrl-C
+    (without a hint the interruption propagates)."""
     try:
         status = call()
     except SystemExit as stop:
